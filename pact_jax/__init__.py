@@ -1,0 +1,34 @@
+"""pact_jax: merge fine-tuned JAX/Flax checkpoints, with PACT pre-processing.
+
+Pure functions over parameter pytrees. Task vectors are one stacked pytree
+(leaves ``(T, ...)``); transforms map stacked -> stacked, mergers map
+stacked -> delta, and :func:`chain` composes them into a merge function.
+"""
+
+from pact_jax import linalg, merges
+from pact_jax.chain import chain
+from pact_jax.linalg import randomized_svd
+from pact_jax.pact import lbw_statistics, pact
+from pact_jax.tree import (
+    DEFAULT_RULES,
+    LeafRules,
+    PactInputError,
+    apply_delta,
+    task_vectors,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DEFAULT_RULES",
+    "LeafRules",
+    "PactInputError",
+    "apply_delta",
+    "chain",
+    "lbw_statistics",
+    "linalg",
+    "merges",
+    "pact",
+    "randomized_svd",
+    "task_vectors",
+]

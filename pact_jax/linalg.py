@@ -1,0 +1,151 @@
+"""Linear algebra kernels: exact and randomized truncated SVD, polar factors, bases.
+
+All functions are pure, jit-able and batched over leading axes; they compute in
+float32 unless handed float64 input (``jax_enable_x64``).
+"""
+
+from __future__ import annotations
+
+from typing import Literal, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+SvdMethod = Literal["exact", "randomized"]
+
+
+class TruncatedSVD(NamedTuple):
+    """``x ~= u @ diag(s) @ vh`` with ``u (..., m, r)``, ``s (..., r)``, ``vh (..., r, n)``."""
+
+    u: jax.Array
+    s: jax.Array
+    vh: jax.Array
+
+
+def _compute_dtype(x: jax.Array) -> jnp.dtype:
+    return jnp.promote_types(x.dtype, jnp.float32)
+
+
+def check_rank(rank: int, shape: tuple[int, ...], what: str = "rank") -> None:
+    m, n = shape[-2:]
+    if not isinstance(rank, int) or rank < 1 or rank > min(m, n):
+        raise ValueError(f"{what}={rank!r} must be an integer in [1, min(m, n)={min(m, n)}] for a {m}x{n} matrix.")
+
+
+def exact_svd(x: jax.Array, rank: int | None = None) -> TruncatedSVD:
+    """Thin SVD (LAPACK gesdd on CPU), truncated to the top ``rank`` triplets.
+
+    Args:
+      x: ``(..., m, n)``.
+      rank: number of leading singular triplets kept; ``None`` keeps
+        ``min(m, n)``.
+    """
+    x = x.astype(_compute_dtype(x))
+    u, s, vh = jnp.linalg.svd(x, full_matrices=False)
+    if rank is not None:
+        check_rank(rank, x.shape)
+        u, s, vh = u[..., :rank], s[..., :rank], vh[..., :rank, :]
+    return TruncatedSVD(u, s, vh)
+
+
+def randomized_svd(
+    key: jax.Array,
+    x: jax.Array,
+    rank: int,
+    *,
+    oversample: int = 10,
+    power_iters: int = 2,
+) -> TruncatedSVD:
+    """Top-``rank`` SVD by randomized range finding (Halko, Martinsson, Tropp 2011).
+
+    With ``l = min(rank + oversample, m, n)`` and a Gaussian test matrix
+    ``Omega (n, l)``: ``Q = orth(x Omega)``, refined by ``power_iters`` rounds of
+    ``Q = orth(x orth(x^T Q))`` (re-orthonormalised each half step for
+    stability); then ``B = Q^T x = Ub S Vh`` and ``U = Q Ub``. Exact when
+    ``rank(x) <= l``; otherwise power iterations sharpen a flat spectrum.
+
+    Args:
+      key: PRNG key; the only source of randomness.
+      x: ``(..., m, n)``, batched over leading axes.
+      rank: number of singular triplets returned, ``1 <= rank <= min(m, n)``.
+      oversample: extra columns of the sketch.
+      power_iters: subspace iterations.
+
+    Returns:
+      :class:`TruncatedSVD` with ``u (..., m, rank)``, ``s (..., rank)``,
+      ``vh (..., rank, n)``.
+    """
+    check_rank(rank, x.shape)
+    if oversample < 0 or power_iters < 0:
+        raise ValueError(f"oversample and power_iters must be >= 0, got {oversample}, {power_iters}.")
+    x = x.astype(_compute_dtype(x))
+    m, n = x.shape[-2:]
+    width = min(rank + oversample, m, n)
+    omega = jax.random.normal(key, (*x.shape[:-2], n, width), dtype=x.dtype)
+    xt = jnp.swapaxes(x, -1, -2)
+    q, _ = jnp.linalg.qr(x @ omega)
+    for _ in range(power_iters):
+        w, _ = jnp.linalg.qr(xt @ q)
+        q, _ = jnp.linalg.qr(x @ w)
+    b = jnp.swapaxes(q, -1, -2) @ x
+    ub, s, vh = jnp.linalg.svd(b, full_matrices=False)
+    u = q @ ub
+    return TruncatedSVD(u[..., :rank], s[..., :rank], vh[..., :rank, :])
+
+
+def truncated_svd(
+    x: jax.Array,
+    rank: int,
+    *,
+    method: SvdMethod = "exact",
+    key: jax.Array | None = None,
+    oversample: int = 10,
+    power_iters: int = 2,
+) -> TruncatedSVD:
+    """Top-``rank`` SVD of ``x (..., m, n)`` by ``method`` (``'randomized'`` needs ``key``)."""
+    if method == "exact":
+        return exact_svd(x, rank)
+    if method == "randomized":
+        if key is None:
+            raise ValueError("svd='randomized' needs a PRNG key (key=jax.random.key(0)).")
+        return randomized_svd(key, x, rank, oversample=oversample, power_iters=power_iters)
+    raise ValueError(f"svd must be 'exact' or 'randomized', got {method!r}.")
+
+
+def polar(x: jax.Array) -> jax.Array:
+    """Orthogonal polar factor: for ``x = P S Q^T`` (thin SVD) returns ``P Q^T``.
+
+    The closest matrix with orthonormal columns (rows, if wide) to ``x`` in
+    Frobenius norm. ``x (..., m, c) -> (..., m, c)``.
+    """
+    p, _, qt = jnp.linalg.svd(x.astype(_compute_dtype(x)), full_matrices=False)
+    return p @ qt
+
+
+def span_basis(x: jax.Array, tol: float) -> tuple[jax.Array, jax.Array]:
+    """Orthonormal basis of the column span of ``x (..., m, c)``.
+
+    Returns ``(basis, dim)``: ``basis (..., m, min(m, c))`` whose columns are
+    orthonormal or exactly zero (directions with singular value ``<= tol``
+    are dropped), so ``basis @ basis^T`` is the orthogonal projector onto the
+    span; ``dim (...)`` is the number of kept columns.
+    """
+    u, s, _ = jnp.linalg.svd(x.astype(_compute_dtype(x)), full_matrices=False)
+    keep = s > tol
+    return u * keep[..., None, :].astype(u.dtype), keep.sum(-1)
+
+
+def energy_rank_mask(s: jax.Array, energy: float | None, total: jax.Array | None = None) -> jax.Array:
+    """Mask of the fewest leading singular values whose energy reaches ``energy``.
+
+    ``mask_i = 1`` iff ``sum_{j<i} s_j^2 < energy * total`` where ``total`` is
+    the full energy ``||X||_F^2`` (default: ``sum_j s_j^2`` of the given, maybe
+    truncated, ``s (..., r)``). ``energy=None``: all ones.
+    """
+    if energy is None:
+        return jnp.ones_like(s, dtype=bool)
+    e = jnp.square(s)
+    if total is None:
+        total = e.sum(-1)
+    before = jnp.cumsum(e, axis=-1) - e
+    return before < energy * jnp.asarray(total)[..., None]
