@@ -19,14 +19,27 @@ import jax.numpy as jnp
 Kernel = Callable[..., Any]
 
 
-@functools.lru_cache(maxsize=None)
-def batched_kernel(kernel: Kernel, static: tuple[tuple[str, Hashable], ...] = ()) -> Callable[..., Any]:
+# One jitted function per (kernel, static hyperparameters); its own jit cache
+# then holds one executable per distinct bucket shape.
+_BATCHED: dict[tuple[Kernel, tuple], Callable[..., Any]] = {}
+
+
+def batched_kernel(kernel: Kernel, static: tuple[tuple[str, Hashable], ...]) -> Callable[..., Any]:
     """``jax.jit(jax.vmap(kernel))`` with ``static`` keyword arguments bound.
 
     Cached on ``(kernel, static)``: pass module-level kernels so that repeated
-    merges reuse compilations (the jit cache then holds one entry per shape).
+    merges reuse compilations.
     """
-    return jax.jit(jax.vmap(functools.partial(kernel, **dict(static))))
+    cache_key = (kernel, static)
+    if cache_key not in _BATCHED:
+        _BATCHED[cache_key] = jax.jit(jax.vmap(functools.partial(kernel, **dict(static))))
+    return _BATCHED[cache_key]
+
+
+def compile_count(kernel: Kernel) -> int:
+    """How many executables ``kernel`` has been compiled into so far, over all
+    hyperparameters: one per distinct bucket shape (and argument dtypes)."""
+    return sum(fn._cache_size() for (k, _), fn in _BATCHED.items() if k is kernel)
 
 
 def _signature(args: Sequence[Any]) -> tuple:

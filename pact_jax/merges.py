@@ -39,7 +39,7 @@ def _merge_by_kind(
     kernel: Callable[..., jax.Array],
     *,
     view: str,
-    static: Callable[[tuple[int, ...], int], dict[str, Any]] = lambda shape, t: {},
+    static: dict[str, Any] | None = None,
     non_matrix: Callable[[jax.Array], jax.Array] = lambda x: x.mean(0),
 ) -> PyTree:
     """Shared traversal of the mergers.
@@ -47,7 +47,9 @@ def _merge_by_kind(
     ``view='matrix'``: matrix leaves go to ``kernel(tau (T, m, n)) -> (m, n)``,
     other leaves to ``non_matrix``. ``view='flat'``: every non-frozen,
     non-averaged leaf goes to ``kernel(tau (T, N)) -> (N,)``.
-    ``static(view_shape, T)`` gives the kernel's static hyperparameters.
+    ``static`` holds the kernel's hyperparameters (static under jit); anything
+    derived from the shape is computed inside the kernel, so each kernel
+    compiles once per distinct shape.
     """
     t = validate_stacked(stacked)
     items = leaves_with_paths(stacked)
@@ -63,11 +65,11 @@ def _merge_by_kind(
             out[i] = leaf.mean(0)
         elif view == "matrix" and kind == "matrix":
             x = leaf.reshape(t, *rules.matrix_shape(path, shape))
-            jobs.append(((x,), static(x.shape[1:], t)))
+            jobs.append(((x,), static or {}))
             job_index.append(i)
         elif view == "flat":
             x = leaf.reshape(t, -1)
-            jobs.append(((x,), static(x.shape[1:], t)))
+            jobs.append(((x,), static or {}))
             job_index.append(i)
         else:
             out[i] = non_matrix(leaf)
@@ -99,15 +101,17 @@ def task_arithmetic(stacked: PyTree, *, rules: LeafRules = DEFAULT_RULES) -> PyT
 # TIES and DARE
 
 
-def _ties_kernel(tau: jax.Array, *, keep: int) -> jax.Array:
+def _ties_kernel(tau: jax.Array, *, density: float) -> jax.Array:
     """TIES on one flattened leaf ``tau (T, N) -> (N,)``.
 
-    1. trim: per task keep the ``keep`` largest ``|tau_t|`` entries (entries
-       equal to the ``keep``-th largest magnitude are kept too);
+    1. trim: per task keep the ``k = max(1, round(density * N))`` largest
+       ``|tau_t|`` entries (entries equal to the ``k``-th largest magnitude are
+       kept too);
     2. elect: ``gamma = sign(sum_t trimmed_t)``;
     3. disjoint mean over the tasks whose trimmed entry is non-zero and has
        sign ``gamma`` (0 where no task agrees).
     """
+    keep = max(1, round(density * tau.shape[-1]))
     mag = jnp.abs(tau)
     threshold = jnp.sort(mag, axis=-1)[:, -keep][:, None]
     trimmed = jnp.where(mag >= threshold, tau, 0.0)
@@ -130,13 +134,7 @@ def ties(stacked: PyTree, density: float = 0.2, *, rules: LeafRules = DEFAULT_RU
       density: fraction of entries kept per task, in ``(0, 1]``.
     """
     density = check_fraction(density, "density")
-    return _merge_by_kind(
-        stacked,
-        rules,
-        _ties_kernel,
-        view="flat",
-        static=lambda shape, t: {"keep": max(1, round(density * shape[0]))},
-    )
+    return _merge_by_kind(stacked, rules, _ties_kernel, view="flat", static={"density": density})
 
 
 def dare(
@@ -156,16 +154,23 @@ def dare(
     p = check_fraction(p, "p")
     validate_stacked(stacked)
     items = leaves_with_paths(stacked)
-    treedef = jax.tree_util.tree_structure(stacked)
-    out = []
+    out = [leaf for _, leaf in items]
+    jobs, index = [], []
     for i, (path, leaf) in enumerate(items):
-        if rules.kind(path, leaf.shape[1:]) in ("freeze", "average"):
-            out.append(leaf)
-            continue
-        keep = jax.random.bernoulli(jax.random.fold_in(key, i), 1.0 - p, leaf.shape)
-        scale = 0.0 if p == 1.0 else 1.0 / (1.0 - p)
-        out.append(jnp.where(keep, leaf * scale, 0.0).astype(leaf.dtype))
-    return jax.tree_util.tree_unflatten(treedef, out)
+        if rules.kind(path, leaf.shape[1:]) not in ("freeze", "average"):
+            jobs.append(((leaf, jax.random.fold_in(key, i)), {"p": p}))
+            index.append(i)
+    for i, res in zip(index, buckets.run_bucketed(_dare_kernel, jobs)):
+        out[i] = res
+    return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(stacked), out)
+
+
+def _dare_kernel(tau: jax.Array, key: jax.Array, *, p: float) -> jax.Array:
+    """Drop-and-rescale one leaf ``tau (T, ...)``; bucketed so that each
+    distinct shape compiles the random bit generator once."""
+    keep = jax.random.bernoulli(key, 1.0 - p, tau.shape)
+    scale = 0.0 if p == 1.0 else 1.0 / (1.0 - p)
+    return jnp.where(keep, tau * scale, 0.0).astype(tau.dtype)
 
 
 # --------------------------------------------------------------------------
@@ -177,14 +182,15 @@ def tsv_rank(m: int, n: int, t: int) -> int:
     return max(1, min(m, n) // t)
 
 
-def _tsv_kernel(tau: jax.Array, *, rank: int) -> jax.Array:
+def _tsv_kernel(tau: jax.Array) -> jax.Array:
     """TSV-M on one matrix ``tau (T, m, n) -> (m, n)``.
 
-    ``tau_t ~= U_t S_t V_t^T`` (top ``rank``); ``U = [U_1 .. U_T]``,
+    ``tau_t ~= U_t S_t V_t^T`` (top ``rank = tsv_rank(m, n, T)``); ``U = [U_1 .. U_T]``,
     ``V = [V_1 .. V_T]``, ``S = diag(S_1 .. S_T)``;
     ``delta = polar(U) S polar(V)^T``.
     """
     t, m, n = tau.shape
+    rank = tsv_rank(m, n, t)
     u, s, vh = linalg.exact_svd(tau, rank)
     u_cat = jnp.moveaxis(u, 0, 1).reshape(m, t * rank)
     v_cat = jnp.moveaxis(jnp.swapaxes(vh, 1, 2), 0, 1).reshape(n, t * rank)
@@ -200,9 +206,7 @@ def tsv(stacked: PyTree, *, rules: LeafRules = DEFAULT_RULES) -> PyTree:
     orthogonal polar factor: ``delta = polar(U) diag(S) polar(V)^T``.
     Non-matrix leaves: task mean.
     """
-    return _merge_by_kind(
-        stacked, rules, _tsv_kernel, view="matrix", static=lambda shape, t: {"rank": tsv_rank(*shape, t)}
-    )
+    return _merge_by_kind(stacked, rules, _tsv_kernel, view="matrix")
 
 
 def _iso_c_kernel(tau: jax.Array) -> jax.Array:
@@ -232,7 +236,7 @@ def iso_cts_split(m: int, n: int, t: int, common_fraction: float) -> tuple[int, 
     return r - specific, specific // t
 
 
-def _iso_cts_kernel(tau: jax.Array, *, common: int, per_task: int) -> jax.Array:
+def _iso_cts_kernel(tau: jax.Array, *, common_fraction: float) -> jax.Array:
     """Iso-CTS on one matrix ``tau (T, m, n) -> (m, n)``.
 
     ``sum_t tau_t = U S V^T``; common part ``U[:, :k], S[:k], V[:, :k]``; each
@@ -241,6 +245,7 @@ def _iso_cts_kernel(tau: jax.Array, *, common: int, per_task: int) -> jax.Array:
     singular value replaced by the mean of the concatenated ones.
     """
     t, m, n = tau.shape
+    common, per_task = iso_cts_split(m, n, t, common_fraction)
     u, s, vh = linalg.exact_svd(tau.sum(0))
     us, ss, vs = [u[:, :common]], [s[:common]], [vh[:common].T]
     if per_task > 0:
@@ -271,11 +276,7 @@ def iso_cts(
     """
     common_fraction = check_fraction(common_fraction, "common_fraction", allow_zero=True)
     return _merge_by_kind(
-        stacked,
-        rules,
-        _iso_cts_kernel,
-        view="matrix",
-        static=lambda shape, t: dict(zip(("common", "per_task"), iso_cts_split(*shape, t, common_fraction))),
+        stacked, rules, _iso_cts_kernel, view="matrix", static={"common_fraction": common_fraction}
     )
 
 

@@ -66,9 +66,10 @@ def resolve_rank(value: int | float, m: int, n: int, name: str, path: str) -> in
         raise PactInputError(f"{name} must be an int or a float fraction, got {value!r}.")
     if isinstance(value, (int, np.integer)):
         if not 1 <= value <= r:
+            problem = f"is larger than the {m}x{n} matrix allows" if value > r else "must be at least 1"
             raise PactInputError(
-                f"leaf '{path}': {name}={value} is larger than the {m}x{n} matrix allows "
-                f"(must be in [1, {r}]); use a fraction such as 0.1 to scale with the layer."
+                f"leaf '{path}': {name}={value} {problem} (valid: 1..{r}); "
+                "a float such as 0.1 is a fraction of min(m, n) and scales with the layer."
             )
         return int(value)
     if not 0 < value <= 1:
@@ -85,9 +86,9 @@ def _lbw_bases(
     tau: jax.Array,
     key: jax.Array | None,
     *,
-    pretrained_rank: int,
+    pretrained_rank: int | float,
     pretrained_energy: float | None,
-    task_rank: int,
+    task_rank: int | float,
     align_threshold: float,
     exclude_self: bool,
     svd: str,
@@ -100,7 +101,9 @@ def _lbw_bases(
     Returns ``basis (S, m, c)`` with ``S = T`` (one basis per receiving task,
     ``exclude_self``) or ``S = 1``, columns orthonormal or zero, and stats.
     """
-    t, m, _ = tau.shape
+    t, m, n = tau.shape
+    pretrained_rank = resolve_rank(pretrained_rank, m, n, "pretrained_rank", "")
+    task_rank = resolve_rank(task_rank, m, n, "task_rank", "")
     k0, k1 = (None, None) if key is None else jax.random.split(key)
     opts = dict(method=svd, oversample=oversample, power_iters=power_iters)
     pre = linalg.truncated_svd(w0, pretrained_rank, key=k0, **opts)
@@ -182,12 +185,17 @@ def _scalar_kernel(
     w0: jax.Array,
     tau: jax.Array,
     *,
-    top_count: int,
-    anchor_count: int,
+    weight_fraction: float,
+    anchor_fraction: float,
     strength: float,
     exclude_self: bool,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """PACT scalar perspective on one flattened leaf: ``(N,), (T, N) -> (T, N), stats``."""
+    """PACT scalar perspective on one flattened leaf: ``(N,), (T, N) -> (T, N), stats``.
+
+    Fractions become counts ``max(1, round(fraction * N))``.
+    """
+    top_count = max(1, round(weight_fraction * w0.size))
+    anchor_count = max(1, round(anchor_fraction * w0.size))
     # Zero pre-trained entries carry nothing to preserve, even when ties put them in the top fraction.
     important = _top_fraction_mask(jnp.abs(w0), top_count) & (w0 != 0)  # (N,)
     # anchored: |tau_t| within its anchor_count smallest magnitudes.
@@ -235,13 +243,15 @@ def _pact_jobs(pretrained: PyTree, stacked: PyTree, settings: dict[str, Any]):
             if kind != "matrix":
                 continue
             m, n = rules.matrix_shape(path, w0.shape)
+            for name in ("pretrained_rank", "task_rank"):  # fail early, naming the leaf
+                resolve_rank(settings[name], m, n, name, path)
             leaf_key = None if key is None else jax.random.fold_in(key, i)
             static = dict(
                 side=settings["side"],
                 strength=settings["strength"],
-                pretrained_rank=resolve_rank(settings["pretrained_rank"], m, n, "pretrained_rank", path),
+                pretrained_rank=settings["pretrained_rank"],
                 pretrained_energy=settings["pretrained_energy"],
-                task_rank=resolve_rank(settings["task_rank"], m, n, "task_rank", path),
+                task_rank=settings["task_rank"],
                 align_threshold=settings["align_threshold"],
                 exclude_self=settings["exclude_self"],
                 svd=settings["svd"],
@@ -251,10 +261,9 @@ def _pact_jobs(pretrained: PyTree, stacked: PyTree, settings: dict[str, Any]):
             )
             jobs.append(((w0.reshape(m, n), tau.reshape(t, m, n), leaf_key), static))
         else:
-            size = w0.size
             static = dict(
-                top_count=max(1, round(settings["weight_fraction"] * size)),
-                anchor_count=max(1, round(settings["anchor_fraction"] * size)),
+                weight_fraction=settings["weight_fraction"],
+                anchor_fraction=settings["anchor_fraction"],
                 strength=settings["strength"],
                 exclude_self=settings["exclude_self"],
             )

@@ -250,6 +250,8 @@ class LeafRules:
       matrix: leaves with at least two dimensions whose path matches are seen
         as matrices by the SVD-based methods and PACT's subspace perspective.
         Other leaves follow each method's documented non-matrix rule.
+      not_matrix: leaves whose path matches are never matrices, even when
+        ``matrix`` matches; by default biases (DenseGeneral biases are 2-D).
       average: leaves merged by the plain task mean (delta = mean_t tau_t)
         whatever the method; transforms leave them unchanged. E.g.
         ``r"embedding|pos_emb"`` for embeddings.
@@ -263,6 +265,7 @@ class LeafRules:
     """
 
     matrix: str = r".*"
+    not_matrix: str | None = r"(^|/)bias$"
     average: str | None = None
     freeze: str | None = None
     row_axes: tuple[tuple[str, int], ...] = ((r"(^|/)out/kernel$", 2),)
@@ -273,7 +276,11 @@ class LeafRules:
             return "freeze"
         if self.average is not None and re.search(self.average, path):
             return "average"
-        if len(shape) >= 2 and re.search(self.matrix, path):
+        if (
+            len(shape) >= 2
+            and re.search(self.matrix, path)
+            and not (self.not_matrix is not None and re.search(self.not_matrix, path))
+        ):
             return "matrix"
         return "other"
 

@@ -1,0 +1,48 @@
+"""Shared fixtures: tiny Flax models built in-process from explicit keys."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import pytest
+
+
+class TinyNet(nn.Module):
+    """Dense, DenseGeneral (attention-style), Conv and LayerNorm leaves."""
+
+    @nn.compact
+    def __call__(self, x):  # x: (B, 8, 8, 3)
+        h = nn.Conv(8, (3, 3), name="conv")(x)
+        h = h.reshape(h.shape[0], -1, 8)  # (B, 64, 8)
+        q = nn.DenseGeneral((2, 4), name="query")(h)  # kernel (8, 2, 4)
+        h = nn.DenseGeneral(8, axis=(-2, -1), name="out")(q)  # kernel (2, 4, 8)
+        h = nn.LayerNorm(name="norm")(h).mean(1)
+        h = nn.Dense(16, name="dense_0")(h)
+        h = nn.Dense(16, name="dense_1")(nn.relu(h))
+        return nn.Dense(4, name="head")(h)
+
+
+def make_params(key: jax.Array, dtype=jnp.float32):
+    params = TinyNet().init(key, jnp.zeros((1, 8, 8, 3)))
+    return jax.tree_util.tree_map(lambda x: x.astype(dtype), params)
+
+
+def perturb(params, key: jax.Array, scale: float = 0.05):
+    """A "fine-tuned" copy: params plus small Gaussian updates, leaf by leaf."""
+    leaves, treedef = jax.tree_util.tree_flatten(params)
+    keys = jax.random.split(key, len(leaves))
+    new = [
+        (x.astype(jnp.float32) + scale * jax.random.normal(k, x.shape)).astype(x.dtype)
+        for x, k in zip(leaves, keys)
+    ]
+    return jax.tree_util.tree_unflatten(treedef, new)
+
+
+@pytest.fixture
+def tiny_models():
+    """``(pretrained, [finetuned_0, finetuned_1, finetuned_2])`` of :class:`TinyNet`."""
+    key = jax.random.key(0)
+    pre = make_params(key)
+    fts = [perturb(pre, jax.random.fold_in(key, i + 1)) for i in range(3)]
+    return pre, fts

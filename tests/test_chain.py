@@ -1,0 +1,78 @@
+"""pact_jax.chain: composition, jit, keys and rules."""
+
+from __future__ import annotations
+
+import functools
+
+import chex
+import jax
+import pytest
+
+import pact_jax
+from pact_jax import merges
+
+
+def test_chain_equals_manual_composition(tiny_models):
+    pre, fts = tiny_models
+    step = functools.partial(pact_jax.pact, task_rank=2, pretrained_rank=4)
+    merge = pact_jax.chain(step, merges.tsv, alpha=0.7)
+    stacked = pact_jax.task_vectors(pre, fts)
+    expected = pact_jax.apply_delta(pre, merges.tsv(step(pre, stacked)), 0.7)
+    chex.assert_trees_all_close(merge(pre, fts), expected, atol=1e-6)
+
+
+def test_jit_end_to_end_matches_eager(tiny_models):
+    pre, fts = tiny_models
+    merge = pact_jax.chain(
+        functools.partial(pact_jax.pact, svd="randomized", task_rank=2),
+        merges.dare,
+        functools.partial(merges.ties, density=0.5),
+        alpha=0.5,
+    )
+    key = jax.random.key(3)
+    eager = merge(pre, fts, key=key)
+    jitted = jax.jit(merge)(pre, fts, key=key)
+    chex.assert_trees_all_close(eager, jitted, atol=1e-5)
+    chex.assert_trees_all_equal_dtypes(jitted, pre)
+
+
+def test_key_is_required_by_dare_and_changes_result(tiny_models):
+    pre, fts = tiny_models
+    merge = pact_jax.chain(merges.dare, merges.task_arithmetic)
+    with pytest.raises(ValueError, match="dare.*PRNG key"):
+        merge(pre, fts)
+    a = merge(pre, fts, key=jax.random.key(0))
+    chex.assert_trees_all_close(a, merge(pre, fts, key=jax.random.key(0)))
+    b = merge(pre, fts, key=jax.random.key(1))
+    with pytest.raises(AssertionError):
+        chex.assert_trees_all_close(a, b)
+
+
+def test_rules_reach_every_step(tiny_models):
+    pre, fts = tiny_models
+    rules = pact_jax.LeafRules(freeze=r"^params/head/", average=r"norm")
+    merge = pact_jax.chain(pact_jax.pact, merges.tsv, alpha=1.0, rules=rules)
+    out = merge(pre, fts)
+    chex.assert_trees_all_close(out["params"]["head"], pre["params"]["head"])
+    mean_norm = jax.tree_util.tree_map(lambda *xs: sum(xs) / len(xs), *[f["params"]["norm"] for f in fts])
+    chex.assert_trees_all_close(out["params"]["norm"], mean_norm, atol=1e-6)
+
+
+def test_delta_and_alpha_override(tiny_models):
+    pre, fts = tiny_models
+    merge = pact_jax.chain(merges.iso_c, alpha=1.0)
+    delta = merge.delta(pre, fts)
+    chex.assert_trees_all_close(merge(pre, fts, alpha=0.3), pact_jax.apply_delta(pre, delta, 0.3), atol=1e-6)
+
+
+def test_single_task_arithmetic_returns_the_finetuned_model(tiny_models):
+    pre, fts = tiny_models
+    out = pact_jax.chain(merges.task_arithmetic)(pre, fts[:1])
+    chex.assert_trees_all_close(out, fts[0], atol=1e-6)
+
+
+def test_bad_chains():
+    with pytest.raises(TypeError, match="at least a merger"):
+        pact_jax.chain()
+    with pytest.raises(TypeError, match="no 'stacked' argument"):
+        pact_jax.chain(lambda params: params)

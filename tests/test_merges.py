@@ -1,0 +1,671 @@
+"""Tests of :mod:`pact_jax.merges` against plainly written NumPy references.
+
+The references below are written from DESIGN.md §1c and the docstrings of
+``pact_jax.merges``, in float64 NumPy with explicit loops over tasks; they do
+not import anything from ``pact_jax``. Inputs are float32 (the library's compute
+dtype); the references see the same float32 values upcast to float64.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import pact_jax
+from pact_jax import LeafRules, PactInputError, merges
+
+RTOL = 1e-4
+ATOL = 1e-4
+
+
+# ==========================================================================
+# NumPy references (float64, loops over tasks)
+
+
+def np_path(keypath) -> str:
+    """``(DictKey('params'), DictKey('dense'), ...)`` -> ``'params/dense/...'``."""
+    parts = []
+    for k in keypath:
+        for attr in ("key", "name", "idx"):
+            if hasattr(k, attr):
+                parts.append(str(getattr(k, attr)))
+                break
+    return "/".join(parts)
+
+
+def np_is_matrix(path: str, shape) -> bool:
+    """Default rules: >= 2-D leaves are matrices, except leaves named ``bias``."""
+    return len(shape) >= 2 and not path.split("/")[-1] == "bias"
+
+
+def np_matrix_shape(path: str, shape) -> tuple[int, int]:
+    """Dense (in, out) as is; Conv (kh, kw, cin, cout) -> (kh*kw*cin, cout);
+    attention output kernel '.../out/kernel' (heads, head_dim, d) -> (heads*head_dim, d);
+    other 3-D (d, heads, head_dim) -> (d, heads*head_dim)."""
+    shape = tuple(shape)
+    if len(shape) == 2:
+        return shape
+    if len(shape) == 3:
+        if path.endswith("out/kernel") and (path == "out/kernel" or path.endswith("/out/kernel")):
+            return shape[0] * shape[1], shape[2]
+        return shape[0], shape[1] * shape[2]
+    if len(shape) == 4:
+        return shape[0] * shape[1] * shape[2], shape[3]
+    raise AssertionError(f"no reference view for {shape}")
+
+
+def np_polar(x: np.ndarray) -> np.ndarray:
+    p, _, qt = np.linalg.svd(x, full_matrices=False)
+    return p @ qt
+
+
+def ref_average(tau: np.ndarray) -> np.ndarray:
+    total = np.zeros(tau.shape[1:])
+    for t in range(tau.shape[0]):
+        total += tau[t]
+    return total / tau.shape[0]
+
+
+def ref_task_arithmetic(tau: np.ndarray) -> np.ndarray:
+    total = np.zeros(tau.shape[1:])
+    for t in range(tau.shape[0]):
+        total += tau[t]
+    return total
+
+
+def ref_ties_flat(tau: np.ndarray, density: float) -> np.ndarray:
+    """TIES on ``tau (T, N)``: trim (per task, ties at the k-th magnitude kept),
+    elect sign of the trimmed sum, disjoint mean of the agreeing non-zeros."""
+    n_tasks, n = tau.shape
+    k = max(1, round(density * n))
+    trimmed = np.zeros_like(tau)
+    for t in range(n_tasks):
+        mag = np.abs(tau[t])
+        kth = np.sort(mag)[::-1][k - 1]
+        trimmed[t] = np.where(mag >= kth, tau[t], 0.0)
+    elected = np.sign(trimmed.sum(0))
+    out = np.zeros(n)
+    for j in range(n):
+        agreeing = [
+            trimmed[t, j]
+            for t in range(n_tasks)
+            if trimmed[t, j] != 0 and np.sign(trimmed[t, j]) == elected[j]
+        ]
+        out[j] = np.mean(agreeing) if agreeing else 0.0
+    return out
+
+
+def ref_ties(tau: np.ndarray, density: float) -> np.ndarray:
+    n_tasks = tau.shape[0]
+    return ref_ties_flat(tau.reshape(n_tasks, -1), density).reshape(tau.shape[1:])
+
+
+def ref_tsv_matrix(tau: np.ndarray) -> np.ndarray:
+    n_tasks, m, n = tau.shape
+    k = max(1, min(m, n) // n_tasks)
+    us, ss, vs = [], [], []
+    for t in range(n_tasks):
+        u, s, vt = np.linalg.svd(tau[t], full_matrices=False)
+        us.append(u[:, :k])
+        ss.append(s[:k])
+        vs.append(vt[:k].T)
+    u_orth = np_polar(np.concatenate(us, axis=1))
+    v_orth = np_polar(np.concatenate(vs, axis=1))
+    return u_orth @ np.diag(np.concatenate(ss)) @ v_orth.T
+
+
+def ref_iso_c_matrix(tau: np.ndarray) -> np.ndarray:
+    u, s, vt = np.linalg.svd(tau.sum(0), full_matrices=False)
+    return np.mean(s) * (u @ vt)
+
+
+def ref_iso_cts_split(m: int, n: int, n_tasks: int, common_fraction: float) -> tuple[int, int]:
+    """r = min(m, n); task-specific part r - floor(r*f) rounded to a multiple of T
+    (at most the largest multiple of T that fits in r); k = r - T*s."""
+    r = min(m, n)
+    per_task = round((r - math.floor(r * common_fraction)) / n_tasks)
+    per_task = min(per_task, r // n_tasks)
+    return r - n_tasks * per_task, per_task
+
+
+def ref_iso_cts_matrix(tau: np.ndarray, common_fraction: float) -> np.ndarray:
+    n_tasks, m, n = tau.shape
+    k, s_per = ref_iso_cts_split(m, n, n_tasks, common_fraction)
+    u, s, vt = np.linalg.svd(tau.sum(0), full_matrices=False)
+    uk = u[:, :k]
+    us, ss, vs = [uk], [s[:k]], [vt[:k].T]
+    if s_per > 0:
+        for t in range(n_tasks):
+            residual = tau[t] - uk @ (uk.T @ tau[t])
+            ur, sr, vrt = np.linalg.svd(residual, full_matrices=False)
+            us.append(ur[:, :s_per])
+            ss.append(sr[:s_per])
+            vs.append(vrt[:s_per].T)
+    u_all = np_polar(np.concatenate(us, axis=1))
+    v_all = np_polar(np.concatenate(vs, axis=1))
+    return np.mean(np.concatenate(ss)) * (u_all @ v_all.T)
+
+
+def ref_tree(stacked, *, matrix_fn=None, flat_fn=None):
+    """Applies a reference leaf by leaf (default rules): ``flat_fn`` to every
+    leaf, or ``matrix_fn`` to matrix leaves (in their matrix view) and the task
+    mean to the others."""
+    flat, treedef = jax.tree_util.tree_flatten_with_path(stacked)
+    out = []
+    for keypath, leaf in flat:
+        path = np_path(keypath)
+        tau = np.asarray(leaf, dtype=np.float64)
+        n_tasks, shape = tau.shape[0], tau.shape[1:]
+        if flat_fn is not None:
+            res = flat_fn(tau)
+        elif np_is_matrix(path, shape):
+            m, n = np_matrix_shape(path, shape)
+            res = matrix_fn(tau.reshape(n_tasks, m, n)).reshape(shape)
+        else:
+            res = ref_average(tau)
+        out.append(res)
+    return jax.tree_util.tree_unflatten(treedef, out)
+
+
+REFERENCES = {
+    "average": lambda st: ref_tree(st, flat_fn=ref_average),
+    "task_arithmetic": lambda st: ref_tree(st, flat_fn=ref_task_arithmetic),
+    "ties_0.3": lambda st: ref_tree(st, flat_fn=lambda x: ref_ties(x, 0.3)),
+    "ties_1.0": lambda st: ref_tree(st, flat_fn=lambda x: ref_ties(x, 1.0)),
+    "tsv": lambda st: ref_tree(st, matrix_fn=ref_tsv_matrix),
+    "iso_c": lambda st: ref_tree(st, matrix_fn=ref_iso_c_matrix),
+    "iso_cts_0.0": lambda st: ref_tree(st, matrix_fn=lambda x: ref_iso_cts_matrix(x, 0.0)),
+    "iso_cts_0.8": lambda st: ref_tree(st, matrix_fn=lambda x: ref_iso_cts_matrix(x, 0.8)),
+}
+
+LIBRARY = {
+    "average": lambda st, **kw: merges.average(st, **kw),
+    "task_arithmetic": lambda st, **kw: merges.task_arithmetic(st, **kw),
+    "ties_0.3": lambda st, **kw: merges.ties(st, density=0.3, **kw),
+    "ties_1.0": lambda st, **kw: merges.ties(st, 1.0, **kw),
+    "tsv": lambda st, **kw: merges.tsv(st, **kw),
+    "iso_c": lambda st, **kw: merges.iso_c(st, **kw),
+    "iso_cts_0.0": lambda st, **kw: merges.iso_cts(st, 0.0, **kw),
+    "iso_cts_0.8": lambda st, **kw: merges.iso_cts(st, common_fraction=0.8, **kw),
+}
+
+# One configuration per merger, for the property tests that loop over mergers.
+MERGERS = ["average", "task_arithmetic", "ties_0.3", "tsv", "iso_c", "iso_cts_0.8"]
+
+
+def test_reference_tables_agree():
+    assert set(REFERENCES) == set(LIBRARY)
+    assert set(merges.MERGERS) == {"average", "task_arithmetic", "ties", "tsv", "iso_c", "iso_cts"}
+
+
+# ==========================================================================
+# Inputs: random matrices and a tiny Flax model
+
+
+def random_stacked(seed: int, n_tasks: int, shapes: dict[str, tuple[int, ...]], scale: float = 1.0):
+    """Stacked float32 task vectors with a shared component (so signs and
+    subspaces overlap across tasks, as for real fine-tunes)."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for name, shape in shapes.items():
+        common = rng.standard_normal(shape)
+        tasks = [0.7 * common + rng.standard_normal(shape) for _ in range(n_tasks)]
+        out[name] = jnp.asarray(scale * np.stack(tasks), jnp.float32)
+    return out
+
+
+RANDOM_SHAPES = {
+    "square": (12, 12),
+    "tall": (24, 10),
+    "wide": (10, 24),
+    "big": (48, 40),
+    "tiny_wide": (2, 6),  # T > min(m, n) when T = 3: k = 1 and T*k > min(m, n)
+    "bias": (7,),
+    "scale": (5,),
+}
+
+
+class Attention(nn.Module):
+    """Flax-style attention projections: query (d, heads, head_dim), out (heads, head_dim, d)."""
+
+    @nn.compact
+    def __call__(self, x):
+        q = nn.DenseGeneral((2, 4), name="query")(x)
+        return nn.DenseGeneral(x.shape[-1], axis=(-2, -1), name="out")(q)
+
+
+class SmallNet(nn.Module):
+    """Conv + attention projections + LayerNorm + Dense; tall and wide matrices."""
+
+    @nn.compact
+    def __call__(self, x):  # (B, 6, 6, 3)
+        h = nn.Conv(6, (3, 3), name="conv")(x)  # kernel (3, 3, 3, 6) -> (27, 6)
+        h = h.reshape(h.shape[0], -1, 6)
+        h = Attention(name="attn")(h)  # query (6, 2, 4) -> (6, 8); out (2, 4, 6) -> (8, 6)
+        h = nn.LayerNorm(name="norm")(h).mean(1)
+        h = nn.Dense(10, name="dense_0")(h)  # (6, 10)
+        return nn.Dense(4, name="head")(nn.relu(h))  # (10, 4)
+
+
+def model_params(key, dtype=jnp.float32):
+    params = SmallNet().init(key, jnp.zeros((1, 6, 6, 3)))
+    return jax.tree_util.tree_map(lambda x: x.astype(dtype), params)
+
+
+def finetune(params, key, scale=0.1):
+    leaves, treedef = jax.tree_util.tree_flatten(params)
+    keys = jax.random.split(key, len(leaves))
+    new = [
+        (x.astype(jnp.float32) + scale * jax.random.normal(k, x.shape)).astype(x.dtype)
+        for x, k in zip(leaves, keys)
+    ]
+    return jax.tree_util.tree_unflatten(treedef, new)
+
+
+@pytest.fixture(scope="module")
+def flax_models():
+    key = jax.random.key(42)
+    pre = model_params(key)
+    fts = [finetune(pre, jax.random.fold_in(key, i + 1)) for i in range(3)]
+    return pre, fts
+
+
+@pytest.fixture(scope="module")
+def flax_stacked(flax_models):
+    pre, fts = flax_models
+    return pact_jax.task_vectors(pre, fts)
+
+
+def test_flax_model_has_the_expected_leaves(flax_models):
+    pre, _ = flax_models
+    shapes = {np_path(p): leaf.shape for p, leaf in jax.tree_util.tree_flatten_with_path(pre)[0]}
+    assert shapes["params/conv/kernel"] == (3, 3, 3, 6)
+    assert shapes["params/attn/query/kernel"] == (6, 2, 4)
+    assert shapes["params/attn/query/bias"] == (2, 4)
+    assert shapes["params/attn/out/kernel"] == (2, 4, 6)
+    assert shapes["params/norm/scale"] == (6,)
+    assert shapes["params/dense_0/kernel"] == (6, 10)
+    # The library's matrix views agree with the reference views used below.
+    rules = pact_jax.DEFAULT_RULES
+    for path, shape in shapes.items():
+        expect = "matrix" if np_is_matrix(path, shape) else "other"
+        assert rules.kind(path, shape) == expect, path
+        if expect == "matrix":
+            assert rules.matrix_shape(path, shape) == np_matrix_shape(path, shape), path
+
+
+def test_task_vectors_are_differences(flax_models, flax_stacked):
+    pre, fts = flax_models
+    expect = jax.tree_util.tree_map(lambda w0, *ws: jnp.stack([w - w0 for w in ws]), pre, *fts)
+    chex.assert_trees_all_close(flax_stacked, expect, rtol=1e-6, atol=1e-7)
+
+
+# ==========================================================================
+# 1. Each merger against its NumPy reference
+
+
+def _check_against_reference(name, stacked):
+    got = LIBRARY[name](stacked)
+    want = REFERENCES[name](stacked)
+    per_task = jax.tree_util.tree_map(lambda x: x[0], stacked)
+    chex.assert_trees_all_equal_shapes_and_dtypes(got, per_task)
+    got64 = jax.tree_util.tree_map(lambda x: np.asarray(x, np.float64), got)
+    scale = max(float(np.abs(np.asarray(x)).max()) for x in jax.tree_util.tree_leaves(stacked))
+    chex.assert_trees_all_close(
+        got64,
+        want,
+        rtol=RTOL,
+        atol=ATOL * scale,
+        custom_message=f"merger {name!r} disagrees with its NumPy reference",
+    )
+
+
+@pytest.mark.parametrize(
+    "name,n_tasks",
+    [(name, 3) for name in sorted(LIBRARY)]
+    + [("ties_0.3", 2), ("tsv", 2), ("iso_c", 2), ("iso_cts_0.0", 2), ("iso_cts_0.8", 2)],
+)
+def test_merger_matches_reference_on_random_matrices(name, n_tasks):
+    shapes = RANDOM_SHAPES if n_tasks == 3 else {k: RANDOM_SHAPES[k] for k in ("tall", "wide", "bias")}
+    stacked = random_stacked(10 + n_tasks, n_tasks, shapes)
+    _check_against_reference(name, stacked)
+
+
+@pytest.mark.parametrize("name", sorted(LIBRARY))
+def test_merger_matches_reference_on_flax_model(name, flax_stacked):
+    _check_against_reference(name, flax_stacked)
+
+
+def test_ties_hand_computed_example():
+    # N = 4, density 0.5 -> k = 2 per task.
+    # task 0 trimmed [3, 0, 0, 2]; task 1 trimmed [-2, 0, 0, 4]; sum [1, 0, 0, 6]
+    # elected [+, 0, 0, +] -> [3 (task 0 only), 0, 0, (2 + 4) / 2].
+    tau = jnp.array([[3.0, -1.0, 0.5, 2.0], [-2.0, 1.0, 0.1, 4.0]])
+    out = merges.ties({"w": tau}, 0.5)["w"]
+    np.testing.assert_allclose(np.asarray(out), [3.0, 0.0, 0.0, 3.0], rtol=1e-6)
+    np.testing.assert_allclose(ref_ties(np.asarray(tau, np.float64), 0.5), [3.0, 0.0, 0.0, 3.0])
+
+
+def test_ties_keeps_ties_at_the_kth_magnitude():
+    # density 0.25 of N = 4 -> k = 1, but two entries share the top magnitude.
+    tau = jnp.array([[2.0, -2.0, 1.0, 0.5]])
+    out = merges.ties({"w": tau}, 0.25)["w"]
+    np.testing.assert_allclose(np.asarray(out), [2.0, -2.0, 0.0, 0.0])
+
+
+def test_ties_trims_per_leaf_and_per_task():
+    # Two tasks, one leaf of N = 10, density 0.2 -> k = 2 entries per task survive;
+    # the merged support lies in the union of each task's top-2 magnitudes.
+    rng = np.random.default_rng(0)
+    tau = rng.standard_normal((2, 10)).astype(np.float32)
+    out = np.asarray(merges.ties({"w": jnp.asarray(tau)}, 0.2)["w"])
+    top = np.concatenate([np.argsort(-np.abs(tau[t]))[:2] for t in range(2)])
+    assert set(np.flatnonzero(out).tolist()) == set(top.tolist())
+
+
+# --------------------------------------------------------------------------
+# DARE (a transform; statistical checks)
+
+
+DARE_SHAPES = {"big": RANDOM_SHAPES["big"], "bias": RANDOM_SHAPES["bias"]}
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
+def test_dare_statistics(p):
+    stacked = random_stacked(3, 3, DARE_SHAPES)
+    out = merges.dare(jax.random.key(7), stacked, p)
+    chex.assert_trees_all_equal_shapes_and_dtypes(out, stacked)
+    x = np.asarray(stacked["big"], np.float64)
+    y = np.asarray(out["big"], np.float64)
+    assert np.all(x != 0)
+    kept = y != 0
+    # Fraction kept ~ 1 - p overall (N = 5760: std <= 0.0066) and per task.
+    assert abs(kept.mean() - (1 - p)) < 0.04, kept.mean()
+    for t in range(3):
+        assert abs(kept[t].mean() - (1 - p)) < 0.06, (t, kept[t].mean())
+    # Kept entries are rescaled by 1/(1-p); dropped entries are exactly 0.
+    np.testing.assert_allclose(y[kept], x[kept] / (1 - p), rtol=1e-5)
+    assert np.all(y[~kept] == 0)
+
+
+def test_dare_is_deterministic_per_key_and_differs_across_keys():
+    stacked = random_stacked(4, 3, DARE_SHAPES)
+    a = merges.dare(jax.random.key(0), stacked, 0.5)
+    b = merges.dare(jax.random.key(0), stacked, 0.5)
+    c = merges.dare(jax.random.key(1), stacked, 0.5)
+    chex.assert_trees_all_equal(a, b)
+    assert not np.array_equal(np.asarray(a["big"]) != 0, np.asarray(c["big"]) != 0)
+    # Old-style uint32 keys work too and are deterministic.
+    d = merges.dare(jax.random.PRNGKey(3), stacked, 0.5)
+    e = merges.dare(jax.random.PRNGKey(3), stacked, 0.5)
+    chex.assert_trees_all_equal(d, e)
+
+
+def test_dare_leaves_draw_different_masks():
+    x = random_stacked(5, 3, DARE_SHAPES)["big"]
+    out = merges.dare(jax.random.key(0), {"a": x, "b": x}, 0.5)
+    assert not np.array_equal(np.asarray(out["a"]), np.asarray(out["b"])), (
+        "identical leaves got identical DARE masks; each leaf must fold its index into the key"
+    )
+
+
+def test_dare_p_one_gives_zeros():
+    stacked = random_stacked(6, 3, DARE_SHAPES)
+    out = merges.dare(jax.random.key(0), stacked, 1.0)
+    chex.assert_trees_all_equal(out, jax.tree_util.tree_map(jnp.zeros_like, stacked))
+    assert all(np.all(np.isfinite(np.asarray(v))) for v in jax.tree_util.tree_leaves(out))
+
+
+# ==========================================================================
+# 2. Properties
+
+
+def test_task_arithmetic_of_one_task_is_its_task_vector(flax_models):
+    pre, fts = flax_models
+    stacked = pact_jax.task_vectors(pre, fts[:1])
+    delta = merges.task_arithmetic(stacked)
+    expect = jax.tree_util.tree_map(lambda w, w0: w - w0, fts[0], pre)
+    chex.assert_trees_all_close(delta, expect, rtol=1e-6, atol=1e-7)
+
+
+def test_average_of_identical_tasks_is_that_task():
+    tv = random_stacked(7, 1, RANDOM_SHAPES)
+    stacked = jax.tree_util.tree_map(lambda x: jnp.concatenate([x] * 3), tv)
+    delta = merges.average(stacked)
+    chex.assert_trees_all_close(delta, jax.tree_util.tree_map(lambda x: x[0], tv), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "shape,n_tasks", [((12, 12), 3), ((24, 10), 2), ((10, 24), 3), ((48, 40), 3)]
+)
+def test_tsv_singular_values_are_the_concatenated_top_singular_values(shape, n_tasks):
+    m, n = shape
+    k = max(1, min(m, n) // n_tasks)
+    assert n_tasks * k <= min(m, n)
+    stacked = random_stacked(20, n_tasks, {"w": shape})
+    delta = np.asarray(merges.tsv(stacked)["w"], np.float64)
+    tau = np.asarray(stacked["w"], np.float64)
+    top = np.sort(np.concatenate([np.linalg.svd(tau[t], compute_uv=False)[:k] for t in range(n_tasks)]))[::-1]
+    s = np.linalg.svd(delta, compute_uv=False)
+    np.testing.assert_allclose(s[: n_tasks * k], top, rtol=1e-4, err_msg="TSV-M factors are not orthonormal")
+    np.testing.assert_allclose(s[n_tasks * k :], 0.0, atol=1e-4 * top[0])
+    assert merges.tsv_rank(m, n, n_tasks) == k
+
+
+@pytest.mark.parametrize("shape,n_tasks", [((12, 12), 3), ((24, 10), 2), ((10, 24), 3), ((48, 40), 3)])
+def test_iso_c_singular_values_are_all_equal(shape, n_tasks):
+    stacked = random_stacked(30, n_tasks, {"w": shape})
+    delta = np.asarray(merges.iso_c(stacked)["w"], np.float64)
+    s = np.linalg.svd(delta, compute_uv=False)
+    s_sum = np.linalg.svd(np.asarray(stacked["w"], np.float64).sum(0), compute_uv=False)
+    assert s_sum[-1] > 1e-2 * s_sum[0]  # full-rank sum
+    chex.assert_shape(s, (min(shape),))
+    np.testing.assert_allclose(s, np.full_like(s, s_sum.mean()), rtol=1e-4, err_msg="Iso-C spectrum not isotropic")
+
+
+@pytest.mark.parametrize("common_fraction", [0.0, 0.8])
+def test_iso_cts_singular_values_are_all_equal(common_fraction):
+    stacked = random_stacked(31, 3, {"w": (24, 10)})
+    delta = np.asarray(merges.iso_cts(stacked, common_fraction)["w"], np.float64)
+    s = np.linalg.svd(delta, compute_uv=False)
+    np.testing.assert_allclose(s, np.full_like(s, s.mean()), rtol=1e-4)
+
+
+def test_iso_cts_with_common_fraction_one_is_iso_c(flax_stacked):
+    stacked = random_stacked(40, 3, RANDOM_SHAPES)
+    chex.assert_trees_all_close(merges.iso_cts(stacked, 1.0), merges.iso_c(stacked), rtol=1e-5, atol=1e-5)
+    chex.assert_trees_all_close(
+        merges.iso_cts(flax_stacked, 1.0), merges.iso_c(flax_stacked), rtol=1e-5, atol=1e-6
+    )
+
+
+def test_iso_cts_split_matches_reference():
+    for m, n in [(12, 12), (24, 10), (10, 24), (48, 40), (2, 6), (768, 3072)]:
+        for t in [1, 2, 3, 4, 8]:
+            for f in [0.0, 0.1, 0.5, 0.8, 0.95, 1.0]:
+                k, s = merges.iso_cts_split(m, n, t, f)
+                assert (k, s) == ref_iso_cts_split(m, n, t, f), (m, n, t, f)
+                assert 0 <= k <= min(m, n) and s >= 0 and k + t * s == min(m, n)
+    assert merges.iso_cts_split(12, 12, 3, 1.0) == (12, 0)
+
+
+def test_ties_density_one_with_agreeing_signs_is_the_mean():
+    rng = np.random.default_rng(8)
+    shapes = {"w": (16, 12), "b": (12,)}
+    stacked = {}
+    for name, shape in shapes.items():
+        sign = np.sign(rng.standard_normal(shape))
+        mags = 0.1 + np.abs(rng.standard_normal((3, *shape)))
+        stacked[name] = jnp.asarray(sign * mags, jnp.float32)
+    chex.assert_trees_all_close(merges.ties(stacked, 1.0), merges.average(stacked), rtol=1e-6, atol=1e-7)
+
+
+FREEZE_AVERAGE_RULES = LeafRules(freeze=r"dense_0|attn/query/bias", average=r"conv|norm|dense_0")
+
+
+@pytest.mark.parametrize("name", MERGERS)
+def test_freeze_and_average_rules(name, flax_stacked):
+    rules = FREEZE_AVERAGE_RULES
+    got = LIBRARY[name](flax_stacked, rules=rules)
+    plain = LIBRARY[name](flax_stacked)
+    got_leaves = {np_path(p): v for p, v in jax.tree_util.tree_flatten_with_path(got)[0]}
+    plain_leaves = {np_path(p): v for p, v in jax.tree_util.tree_flatten_with_path(plain)[0]}
+    stacked_leaves = {np_path(p): v for p, v in jax.tree_util.tree_flatten_with_path(flax_stacked)[0]}
+    seen = set()
+    for path, tau in stacked_leaves.items():
+        out = got_leaves[path]
+        chex.assert_equal_shape([out, tau[0]])
+        if re.search(rules.freeze, path):  # freeze wins over average (dense_0 matches both)
+            seen.add("freeze")
+            chex.assert_trees_all_equal(out, jnp.zeros_like(tau[0]), custom_message=f"{name}: frozen {path}")
+        elif re.search(rules.average, path):
+            seen.add("average")
+            chex.assert_trees_all_close(
+                out, tau.mean(0), rtol=1e-6, atol=1e-7, custom_message=f"{name}: averaged {path}"
+            )
+        else:
+            seen.add("other")
+            chex.assert_trees_all_close(
+                out, plain_leaves[path], rtol=1e-6, atol=1e-7, custom_message=f"{name}: untouched {path}"
+            )
+    assert seen == {"freeze", "average", "other"}
+
+
+def test_dare_leaves_frozen_and_averaged_leaves_untouched(flax_stacked):
+    rules = FREEZE_AVERAGE_RULES
+    out = merges.dare(jax.random.key(0), flax_stacked, 0.9, rules=rules)
+    for (kp, x), (_, y) in zip(
+        jax.tree_util.tree_flatten_with_path(flax_stacked)[0], jax.tree_util.tree_flatten_with_path(out)[0]
+    ):
+        path = np_path(kp)
+        if re.search(rules.freeze, path) or re.search(rules.average, path):
+            chex.assert_trees_all_equal(x, y, custom_message=path)
+        else:
+            assert np.mean(np.asarray(y) == 0) > 0.5, path
+
+
+# ==========================================================================
+# 3. Bucketing: a tree with several same-shape leaves == one leaf at a time
+
+
+@pytest.mark.parametrize("name", MERGERS + ["ties_1.0", "iso_cts_0.0"])
+def test_bucketed_equals_per_leaf_loop(name):
+    shapes = {
+        "a": (24, 10),
+        "b": (24, 10),
+        "c": (24, 10),
+        "d": (10, 24),
+        "e": (10, 24),
+        "f": (4, 2, 6),
+        "g": (4, 2, 6),
+        "h/bias": (7,),
+        "i/bias": (7,),
+    }
+    stacked = random_stacked(50, 3, shapes)
+    merged = LIBRARY[name](stacked)
+    for leaf_name in shapes:
+        alone = LIBRARY[name]({leaf_name: stacked[leaf_name]})[leaf_name]
+        chex.assert_trees_all_close(
+            merged[leaf_name],
+            alone,
+            rtol=1e-5,
+            atol=1e-5,
+            custom_message=f"{name}: leaf {leaf_name} merged in a bucket differs from merged alone",
+        )
+    # The same-shape leaves are different inputs, so their outputs differ.
+    assert not np.allclose(np.asarray(merged["a"]), np.asarray(merged["b"]))
+
+
+# ==========================================================================
+# 4. bfloat16 checkpoints
+
+
+@pytest.fixture(scope="module")
+def bf16_models():
+    key = jax.random.key(3)
+    pre = model_params(key, jnp.bfloat16)
+    return pre, [finetune(pre, jax.random.fold_in(key, i + 1)) for i in range(3)]
+
+
+@pytest.mark.parametrize("name", MERGERS)
+def test_bfloat16_task_vectors_float32_and_merged_bfloat16(name, bf16_models):
+    pre, fts = bf16_models
+    for leaf in jax.tree_util.tree_leaves(fts):
+        assert leaf.dtype == jnp.bfloat16
+    stacked = pact_jax.task_vectors(pre, fts)
+    for leaf in jax.tree_util.tree_leaves(stacked):
+        assert leaf.dtype == jnp.float32, leaf.dtype
+    expect_tv = jax.tree_util.tree_map(
+        lambda w0, *ws: jnp.stack([w.astype(jnp.float32) - w0.astype(jnp.float32) for w in ws]), pre, *fts
+    )
+    chex.assert_trees_all_close(stacked, expect_tv, rtol=0, atol=0)
+    delta = LIBRARY[name](stacked)
+    for leaf in jax.tree_util.tree_leaves(delta):
+        assert leaf.dtype == jnp.float32, leaf.dtype
+    merged = pact_jax.apply_delta(pre, delta, 0.5)
+    chex.assert_trees_all_equal_structs(merged, pre)
+    for leaf in jax.tree_util.tree_leaves(merged):
+        assert leaf.dtype == jnp.bfloat16, leaf.dtype
+    expect = jax.tree_util.tree_map(
+        lambda w0, d: (w0.astype(jnp.float32) + 0.5 * d).astype(jnp.bfloat16), pre, delta
+    )
+    chex.assert_trees_all_equal(merged, expect)
+
+
+# ==========================================================================
+# 5. Bad input
+
+
+@pytest.mark.parametrize("density", [0.0, -0.2, 1.0001, 1.5, float("nan")])
+def test_ties_bad_density_raises(density):
+    stacked = random_stacked(60, 2, {"w": (4, 3)})
+    with pytest.raises(ValueError, match="density"):
+        merges.ties(stacked, density)
+
+
+@pytest.mark.parametrize("p", [0.0, -0.1, 1.0001, 2.0, float("nan")])
+def test_dare_bad_p_raises(p):
+    stacked = random_stacked(61, 2, {"w": (4, 3)})
+    with pytest.raises(ValueError, match=r"^p must"):
+        merges.dare(jax.random.key(0), stacked, p)
+
+
+@pytest.mark.parametrize("common_fraction", [-0.1, 1.01, float("nan")])
+def test_iso_cts_bad_common_fraction_raises(common_fraction):
+    stacked = random_stacked(62, 2, {"w": (4, 3)})
+    with pytest.raises(ValueError, match="common_fraction"):
+        merges.iso_cts(stacked, common_fraction)
+
+
+def _all_entry_points():
+    calls = {name: LIBRARY[name] for name in MERGERS}
+    calls["dare"] = lambda st, **kw: merges.dare(jax.random.key(0), st, 0.5, **kw)
+    return calls
+
+
+@pytest.mark.parametrize("name", MERGERS + ["dare"])
+def test_mismatched_task_axis_raises_naming_the_leaf(name):
+    stacked = {
+        "encoder": {"layer_0": {"kernel": jnp.ones((3, 4, 5)), "bias": jnp.ones((3, 5))}},
+        "decoder": {"odd_leaf": {"kernel": jnp.ones((2, 4, 5))}},
+    }
+    with pytest.raises(PactInputError, match=re.escape("decoder/odd_leaf/kernel")):
+        _all_entry_points()[name](stacked)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+@pytest.mark.parametrize("name", MERGERS + ["dare"])
+def test_non_finite_raises_naming_the_leaf(name, bad):
+    stacked = random_stacked(63, 2, {"w": (4, 3)})
+    x = np.asarray(stacked["w"]).copy()
+    x[1, 2, 0] = bad
+    stacked = {"encoder": {"ok": stacked["w"], "broken_leaf": {"kernel": jnp.asarray(x)}}}
+    with pytest.raises(PactInputError, match=re.escape("encoder/broken_leaf/kernel")):
+        _all_entry_points()[name](stacked)
