@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import math
 import time
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
@@ -46,11 +47,20 @@ from pact_jax.tree import PyTree
 __all__ = [
     "DEFAULT_ALPHAS",
     "DEFAULT_METHODS",
+    "METHODS",
+    "TABLE_HEADER",
     "DemoConfig",
     "Encoder",
     "Head",
+    "build_parser",
+    "config_from_args",
+    "finetune",
     "format_report",
+    "format_table",
     "main",
+    "make_merge",
+    "make_world_and_data",
+    "pretrain",
     "run_demo",
 ]
 
@@ -92,17 +102,17 @@ class DemoConfig:
 
     num_tasks: int = 4
     seed: int = 0
-    finetune_steps: int = 400
+    finetune_steps: int = 1000
     pretrain_steps: int = 1500
     probe_steps: int = 200
     input_dim: int = 32
     latent_dim: int = 16
-    width: int = 64
-    depth: int = 3
+    width: int = 128
+    depth: int = 2
     pretrain_classes: int = 10
     task_classes: int = 4
     noise: float = 0.1
-    train_size: int = 2048
+    train_size: int = 4096
     val_size: int = 1024
     test_size: int = 4096
     batch_size: int = 128
@@ -146,23 +156,32 @@ def _unit(x: jax.Array) -> jax.Array:
 
 def make_world(key: jax.Array, cfg: DemoConfig) -> World:
     """Random mixing, pre-training and task directions, all from ``key``."""
-    k_mix, k_pre, k_anchor, k_xor = jax.random.split(key, 4)
-    mixing = jax.random.normal(k_mix, (cfg.latent_dim, cfg.input_dim)) / np.sqrt(cfg.latent_dim)
-    pretrain_dirs = jax.random.normal(k_pre, (cfg.latent_dim, cfg.pretrain_classes))
+    shapes = {
+        "mixing": (cfg.latent_dim, cfg.input_dim),
+        "pretrain": (cfg.latent_dim, cfg.pretrain_classes),
+        "coeffs": (cfg.num_tasks, cfg.pretrain_classes),
+        "xor": (cfg.num_tasks, 2, cfg.latent_dim),
+    }
+    # One draw sliced into parts: on CPU every separate random call adds
+    # about a second of XLA compilation, far more than the demo's arithmetic.
+    flat = jax.random.normal(key, (sum(math.prod(s) for s in shapes.values()),))
+    parts, start = {}, 0
+    for name, shape in shapes.items():
+        parts[name] = flat[start : start + math.prod(shape)].reshape(shape)
+        start += math.prod(shape)
+    mixing = parts["mixing"] / np.sqrt(cfg.latent_dim)
     # p_t is a mix of the pre-training directions, so the pre-trained encoder
     # already holds the feature that one bit of task t needs.
-    coeffs = jax.random.normal(k_anchor, (cfg.num_tasks, cfg.pretrain_classes))
-    anchor_dirs = _unit(coeffs @ pretrain_dirs.T)
-    xor_dirs = _unit(jax.random.normal(k_xor, (cfg.num_tasks, 2, cfg.latent_dim)))
-    return World(mixing, pretrain_dirs, anchor_dirs, xor_dirs)
+    anchor_dirs = _unit(parts["coeffs"] @ parts["pretrain"].T)
+    return World(mixing, parts["pretrain"], anchor_dirs, _unit(parts["xor"]))
 
 
 def sample_inputs(key: jax.Array, world: World, n: int, noise: float) -> tuple[jax.Array, jax.Array]:
     """``n`` latents ``z`` and their inputs ``x``: ``((n, latent_dim), (n, input_dim))``."""
-    k_z, k_noise = jax.random.split(key)
-    z = jax.random.normal(k_z, (n, world.mixing.shape[0]))
-    x = z @ world.mixing + noise * jax.random.normal(k_noise, (n, world.mixing.shape[1]))
-    return z, x
+    latent_dim, input_dim = world.mixing.shape
+    draw = jax.random.normal(key, (n, latent_dim + input_dim))  # one random call: see make_world
+    z, eps = draw[:, :latent_dim], draw[:, latent_dim:]
+    return z, z @ world.mixing + noise * eps
 
 
 def pretrain_labels(world: World, z: jax.Array) -> jax.Array:
@@ -188,25 +207,23 @@ class Split(NamedTuple):
 def make_task_data(key: jax.Array, world: World, cfg: DemoConfig) -> dict[str, Split]:
     """Train / val / test splits of every downstream task, from ``key``."""
     sizes = {"train": cfg.train_size, "val": cfg.val_size, "test": cfg.test_size}
-    out = {}
-    for i, (name, n) in enumerate(sizes.items()):
+    total = sum(sizes.values())
 
-        def one_task(k: jax.Array, task: jax.Array, n: int = n) -> tuple[jax.Array, jax.Array]:
-            z, x = sample_inputs(k, world, n, cfg.noise)
-            return x, task_labels(world, task, z)
+    def one_task(k: jax.Array, task: jax.Array) -> tuple[jax.Array, jax.Array]:
+        z, x = sample_inputs(k, world, total, cfg.noise)
+        return x, task_labels(world, task, z)
 
-        keys = jax.random.split(jax.random.fold_in(key, i), cfg.num_tasks)
-        out[name] = Split(*jax.vmap(one_task)(keys, jnp.arange(cfg.num_tasks)))
+    x, y = jax.vmap(one_task)(jax.random.split(key, cfg.num_tasks), jnp.arange(cfg.num_tasks))
+    out, start = {}, 0
+    for name, n in sizes.items():
+        out[name] = Split(x[:, start : start + n], y[:, start : start + n])
+        start += n
     return out
 
 
 @functools.partial(jax.jit, static_argnames="cfg")
 def make_world_and_data(key: jax.Array, cfg: DemoConfig) -> tuple[World, dict[str, Split]]:
-    """:func:`make_world` and :func:`make_task_data` from one key, in one compiled call.
-
-    Eagerly, every small op is compiled and dispatched on its own, which on a
-    busy 2-core machine costs seconds.
-    """
+    """:func:`make_world` and :func:`make_task_data` from one key, in one compiled call."""
     k_world, k_data = jax.random.split(key)
     world = make_world(k_world, cfg)
     return world, make_task_data(k_data, world, cfg)
@@ -348,7 +365,7 @@ def _summary(per_task: np.ndarray, finetuned: np.ndarray) -> dict[str, Any]:
     }
 
 
-def merge_step(method: str, with_pact: bool) -> Callable[..., PyTree]:
+def make_merge(method: str, with_pact: bool) -> Callable[..., PyTree]:
     """``chain(...)`` for ``method``, preceded by PACT in the perspective that fits it."""
     perspective, merger = METHODS[method]
     steps = [functools.partial(pact_jax.pact, perspective=perspective)] if with_pact else []
@@ -367,7 +384,7 @@ def _evaluate_merge(
     alphas: Sequence[float],
 ) -> dict[str, Any]:
     """Merges once, sweeps ``alpha`` on validation, reports test at the chosen one."""
-    merge = merge_step(method, with_pact)
+    merge = make_merge(method, with_pact)
     t0 = time.perf_counter()
     delta = jax.block_until_ready(merge.delta(pre_enc, ft_encs))
     merge_s = time.perf_counter() - t0
@@ -387,6 +404,12 @@ def _evaluate_merge(
         "val_curve": dict(zip((float(a) for a in alphas), val_means)),
         "merge_seconds": merge_s,
     }
+
+
+def _task_norms(stacked: PyTree) -> np.ndarray:
+    """Frobenius norm of each task's vector over all leaves, ``(T,)``."""
+    sq = sum(jnp.sum(jnp.square(x.reshape(x.shape[0], -1)), axis=1) for x in jax.tree_util.tree_leaves(stacked))
+    return np.sqrt(np.asarray(sq))
 
 
 def _param_count(tree: PyTree) -> int:
@@ -455,10 +478,14 @@ def run_demo(cfg: DemoConfig = DemoConfig(), log: Callable[[str], None] | None =
     timings["merge_and_eval"] = time.perf_counter() - t0
     timings["total"] = sum(timings.values())
 
-    tx = np.asarray(jnp.linalg.norm(
-        jnp.concatenate([x.reshape(cfg.num_tasks, -1) for x in jax.tree_util.tree_leaves(
-            pact_jax.task_vectors(pre_enc, ft_encs))], axis=1), axis=1))
-    w0_norm = float(np.sqrt(sum(float(jnp.sum(x**2)) for x in jax.tree_util.tree_leaves(pre_enc))))
+    stacked = pact_jax.task_vectors(pre_enc, ft_encs)
+    tv_norms = _task_norms(stacked)
+    w0_norm = float(np.sqrt(sum(float(jnp.sum(jnp.square(x))) for x in jax.tree_util.tree_leaves(pre_enc))))
+    # How much PACT takes out of the task vectors, so its effect on accuracy can be read against it.
+    pact_removed = {}
+    for perspective in sorted({METHODS[m][0] for m in cfg.methods}):
+        kept = _task_norms(pact_jax.pact(pre_enc, stacked, perspective=perspective))
+        pact_removed[perspective] = [float(1.0 - (k / n) ** 2) for k, n in zip(kept, tv_norms)]
     built = {
         "input_dim": cfg.input_dim,
         "latent_dim": cfg.latent_dim,
@@ -468,7 +495,8 @@ def run_demo(cfg: DemoConfig = DemoConfig(), log: Callable[[str], None] | None =
         "pretrain_classes": cfg.pretrain_classes,
         "task_classes": cfg.task_classes,
         "split_sizes": {"train": cfg.train_size, "val": cfg.val_size, "test": cfg.test_size},
-        "task_vector_rel_norms": [float(n / w0_norm) for n in tx],
+        "task_vector_rel_norms": [float(n / w0_norm) for n in tv_norms],
+        "pact_energy_removed": pact_removed,
     }
     tasks = [f"task{t}: 2*[z.p{t} > 0] + xor(z.u{t}, z.v{t})" for t in range(cfg.num_tasks)]
     return {
@@ -521,6 +549,11 @@ def format_report(results: dict[str, Any]) -> str:
         f"  downstream splits per task: train {b['split_sizes']['train']}, val {b['split_sizes']['val']},"
         f" test {b['split_sizes']['test']}",
         f"  ||task vector|| / ||W0||: {rel}",
+        *(
+            f"  PACT ({p}, library defaults) removes {', '.join(f'{100 * e:.0f}%' for e in es)}"
+            " of each task vector's energy"
+            for p, es in b["pact_energy_removed"].items()
+        ),
         "  tasks:",
         *(f"    {t}" for t in results["tasks"]),
         "",
@@ -569,7 +602,7 @@ def config_from_args(args: argparse.Namespace) -> DemoConfig:
     pretrain_steps = args.pretrain_steps
     if pretrain_steps is None:
         # A quick run shortens pre-training in proportion, so --steps alone makes it fast.
-        pretrain_steps = min(d.pretrain_steps, 3 * args.steps)
+        pretrain_steps = d.pretrain_steps if args.steps >= d.finetune_steps else min(d.pretrain_steps, 3 * args.steps)
     probe_steps = min(d.probe_steps, max(1, args.steps))
     methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
     return DemoConfig(

@@ -26,6 +26,7 @@ from pact_jax.tree import (
     LeafRules,
     PyTree,
     check_fraction,
+    leaf_key,
     leaves_with_paths,
     validate_stacked,
 )
@@ -143,8 +144,8 @@ def dare(
     """DARE (Yu et al. 2024): drop each entry with probability ``p``, rescale the rest by ``1/(1-p)``.
 
     A transform ``stacked -> stacked``; follow it with a merger (TA or TIES).
-    Leaf ``i`` (in tree order) draws its mask from ``fold_in(key, i)``, so the
-    result depends only on ``key``. ``p = 1`` drops everything.
+    Each leaf draws its mask from :func:`pact_jax.tree.leaf_key` (``key``
+    folded with its path), so the result depends only on ``key`` and paths. ``p = 1`` drops everything.
 
     Args:
       key: PRNG key.
@@ -158,7 +159,7 @@ def dare(
     jobs, index = [], []
     for i, (path, leaf) in enumerate(items):
         if rules.kind(path, leaf.shape[1:]) not in ("freeze", "average"):
-            jobs.append(((leaf, jax.random.fold_in(key, i)), {"p": p}))
+            jobs.append(((leaf, leaf_key(key, path)), {"p": p}))
             index.append(i)
     for i, res in zip(index, buckets.run_bucketed(_dare_kernel, jobs)):
         out[i] = res

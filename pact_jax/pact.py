@@ -48,6 +48,7 @@ from pact_jax.tree import (
     check_floating,
     check_fraction,
     check_same_structure,
+    leaf_key,
     leaves_with_paths,
     validate_stacked,
 )
@@ -245,7 +246,7 @@ def _pact_jobs(pretrained: PyTree, stacked: PyTree, settings: dict[str, Any]):
             m, n = rules.matrix_shape(path, w0.shape)
             for name in ("pretrained_rank", "task_rank"):  # fail early, naming the leaf
                 resolve_rank(settings[name], m, n, name, path)
-            leaf_key = None if key is None else jax.random.fold_in(key, i)
+            key_i = None if key is None else leaf_key(key, path)
             static = dict(
                 side=settings["side"],
                 strength=settings["strength"],
@@ -259,7 +260,7 @@ def _pact_jobs(pretrained: PyTree, stacked: PyTree, settings: dict[str, Any]):
                 power_iters=settings["power_iters"],
                 span_tol=settings["span_tol"],
             )
-            jobs.append(((w0.reshape(m, n), tau.reshape(t, m, n), leaf_key), static))
+            jobs.append(((w0.reshape(m, n), tau.reshape(t, m, n), key_i), static))
         else:
             static = dict(
                 weight_fraction=settings["weight_fraction"],
@@ -336,8 +337,8 @@ def pact(
         0 is the identity.
       exclude_self: protect task ``t``'s LBW only in the *other* tasks' vectors.
       svd: ``'exact'`` or ``'randomized'`` for steps 1-2.
-      key: PRNG key, required for ``svd='randomized'``; leaf ``i`` uses
-        ``fold_in(key, i)``.
+      key: PRNG key, required for ``svd='randomized'``; each leaf uses
+        :func:`pact_jax.tree.leaf_key` (``key`` folded with its path).
       oversample, power_iters: randomized SVD knobs (see
         :func:`pact_jax.linalg.randomized_svd`).
       span_tol: singular values of the stacked LBW bases at or below this are

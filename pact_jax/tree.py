@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+import zlib
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -45,6 +46,16 @@ def leaves_with_paths(tree: PyTree) -> list[tuple[str, Any]]:
     """Flattened ``[(path, leaf), ...]`` in the tree's canonical leaf order."""
     flat, _ = jax.tree_util.tree_flatten_with_path(tree)
     return [(path_str(p), leaf) for p, leaf in flat]
+
+
+def leaf_key(key: jax.Array, path: str) -> jax.Array:
+    """The PRNG key of the leaf at ``path``: ``fold_in(key, crc32(path))``.
+
+    Derived from the path, not the leaf's position, so merging a sub-tree (a
+    streamed bucket, a filtered model) draws the same randomness per leaf as
+    merging the whole tree.
+    """
+    return jax.random.fold_in(key, zlib.crc32(path.encode()) & 0x7FFFFFFF)
 
 
 def _is_concrete(x) -> bool:

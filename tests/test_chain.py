@@ -76,3 +76,19 @@ def test_bad_chains():
         pact_jax.chain()
     with pytest.raises(TypeError, match="no 'stacked' argument"):
         pact_jax.chain(lambda params: params)
+
+
+def test_sub_tree_merge_equals_part_of_whole_merge(tiny_models):
+    # Randomness is per leaf path, so a streamed merge of one part of the model
+    # draws exactly what the whole-model merge draws for it.
+    pre, fts = tiny_models
+    merge = pact_jax.chain(
+        functools.partial(pact_jax.pact, svd="randomized", task_rank=2),
+        merges.dare,
+        merges.task_arithmetic,
+    )
+    key = jax.random.key(7)
+    whole = merge(pre, fts, key=key)
+    part = {"params": {"dense_1": pre["params"]["dense_1"]}}
+    part_fts = [{"params": {"dense_1": f["params"]["dense_1"]}} for f in fts]
+    chex.assert_trees_all_close(merge(part, part_fts, key=key)["params"]["dense_1"], whole["params"]["dense_1"])
