@@ -163,8 +163,9 @@ def validate_stacked(stacked: PyTree, what: str = "stacked task vectors") -> int
 
 def check_fraction(value: float, name: str, *, allow_zero: bool = False) -> float:
     """``value`` must lie in ``(0, 1]`` (or ``[0, 1]`` with ``allow_zero``)."""
-    lo_ok = value >= 0 if allow_zero else value > 0
-    if not (isinstance(value, (int, float, np.floating)) and lo_ok and value <= 1):
+    is_number = isinstance(value, (int, float, np.floating)) and not isinstance(value, bool)
+    lo_ok = is_number and (value >= 0 if allow_zero else value > 0)
+    if not (lo_ok and value <= 1):
         interval = "[0, 1]" if allow_zero else "(0, 1]"
         raise ValueError(f"{name} must lie in {interval}, got {value!r}.")
     return float(value)

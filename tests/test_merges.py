@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 import pact_jax
+from np_reference import np_is_matrix, np_matrix_shape, np_path
 from pact_jax import LeafRules, PactInputError, merges
 
 RTOL = 1e-4
@@ -27,38 +28,6 @@ ATOL = 1e-4
 
 # ==========================================================================
 # NumPy references (float64, loops over tasks)
-
-
-def np_path(keypath) -> str:
-    """``(DictKey('params'), DictKey('dense'), ...)`` -> ``'params/dense/...'``."""
-    parts = []
-    for k in keypath:
-        for attr in ("key", "name", "idx"):
-            if hasattr(k, attr):
-                parts.append(str(getattr(k, attr)))
-                break
-    return "/".join(parts)
-
-
-def np_is_matrix(path: str, shape) -> bool:
-    """Default rules: >= 2-D leaves are matrices, except leaves named ``bias``."""
-    return len(shape) >= 2 and not path.split("/")[-1] == "bias"
-
-
-def np_matrix_shape(path: str, shape) -> tuple[int, int]:
-    """Dense (in, out) as is; Conv (kh, kw, cin, cout) -> (kh*kw*cin, cout);
-    attention output kernel '.../out/kernel' (heads, head_dim, d) -> (heads*head_dim, d);
-    other 3-D (d, heads, head_dim) -> (d, heads*head_dim)."""
-    shape = tuple(shape)
-    if len(shape) == 2:
-        return shape
-    if len(shape) == 3:
-        if path == "out/kernel" or path.endswith("/out/kernel"):
-            return shape[0] * shape[1], shape[2]
-        return shape[0], shape[1] * shape[2]
-    if len(shape) == 4:
-        return shape[0] * shape[1] * shape[2], shape[3]
-    raise AssertionError(f"no reference view for {shape}")
 
 
 def np_polar(x: np.ndarray) -> np.ndarray:
@@ -643,7 +612,7 @@ def test_bfloat16_task_vectors_float32_and_merged_bfloat16(name, bf16_models):
 # 5. Bad input
 
 
-@pytest.mark.parametrize("density", [0.0, -0.2, 1.0001, 1.5, float("nan")])
+@pytest.mark.parametrize("density", [0.0, -0.2, 1.0001, 1.5, float("nan"), True, "0.5"])
 def test_ties_bad_density_raises(density):
     stacked = random_stacked(60, 2, {"w": (4, 3)})
     with pytest.raises(ValueError, match="density"):

@@ -25,6 +25,7 @@ import numpy as np
 import pytest
 
 import pact_jax
+from np_reference import np_is_matrix, np_matrix_shape, np_path
 from pact_jax import LeafRules, PactInputError
 
 TALL = (48, 40)
@@ -35,35 +36,6 @@ PROJ_TOL = 1e-4  # span tolerance of the reference projector (columns are unit-n
 
 # ==========================================================================
 # NumPy references (float64)
-
-
-def np_path(keypath) -> str:
-    """``(DictKey('params'), DictKey('Dense_0'), ...)`` -> ``'params/Dense_0/...'``."""
-    parts = []
-    for k in keypath:
-        for attr in ("key", "name", "idx"):
-            if hasattr(k, attr):
-                parts.append(str(getattr(k, attr)))
-                break
-    return "/".join(parts)
-
-
-def np_is_matrix(path: str, shape) -> bool:
-    """Default rules: leaves with >= 2 dims are matrices, except leaves named ``bias``."""
-    return len(shape) >= 2 and path.split("/")[-1] != "bias"
-
-
-def np_matrix_view(shape) -> tuple[int, int]:
-    """Dense ``(in, out)`` as is; Conv ``(kh, kw, cin, cout)`` -> ``(kh*kw*cin, cout)``;
-    DenseGeneral ``(d, heads, head_dim)`` -> ``(d, heads*head_dim)``."""
-    shape = tuple(shape)
-    if len(shape) == 2:
-        return shape
-    if len(shape) == 3:
-        return shape[0], shape[1] * shape[2]
-    if len(shape) == 4:
-        return shape[0] * shape[1] * shape[2], shape[3]
-    raise AssertionError(f"no reference view for {shape}")
 
 
 def np_resolve_rank(value, m: int, n: int) -> int:
@@ -222,7 +194,7 @@ def ref_tree(pretrained, stacked, leaf_fn, *, matrices_only: bool):
             if not np_is_matrix(path, shape):
                 out.append(tau)
                 continue
-            m, n = np_matrix_view(shape)
+            m, n = np_matrix_shape(path, shape)
             res, info = leaf_fn(w0.reshape(m, n), tau.reshape(n_tasks, m, n))
         else:
             res, info = leaf_fn(w0.reshape(-1), tau.reshape(n_tasks, -1))
@@ -783,7 +755,7 @@ def test_flax_model_subspace_matches_reference_and_statistics():
     pre, _, stacked = flax_setup()
     shapes = {p: leaf.shape for p, leaf in _by_path(pre).items()}
     for path, view in FLAX_MATRICES.items():
-        assert np_matrix_view(shapes[path]) == view
+        assert np_matrix_shape(path, shapes[path]) == view
         assert pact_jax.DEFAULT_RULES.matrix_shape(path, shapes[path]) == view
     thr = _flax_threshold(pre, stacked)
     kw = dict(FLAX_KW, align_threshold=thr)
