@@ -5,18 +5,58 @@ ViT-B has four matrix shapes). Leaves whose kernel arguments have equal shapes,
 dtypes and static hyperparameters are stacked on a new leading axis and handed
 to ``jax.jit(jax.vmap(kernel))`` once, so each shape compiles once and the
 per-layer work runs inside XLA instead of a Python loop of SVDs.
+
+Under :func:`placement` (used by :mod:`pact_jax.sharding` inside ``jax.jit``)
+every stacked argument and output passes through a placement function, e.g.
+``jax.lax.with_sharding_constraint`` to spread a bucket's layers over devices.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
-from collections.abc import Callable, Hashable, Mapping, Sequence
+import inspect
+from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
 Kernel = Callable[..., Any]
+Placement = Callable[[Any, bool], Any]
+
+# Set by `placement`; read by `run_bucketed` at trace time.
+_PLACEMENT: contextvars.ContextVar[Placement | None] = contextvars.ContextVar(
+    "pact_jax_bucket_placement", default=None
+)
+
+TASK_ARG = "tau"
+"""By convention, a kernel parameter with this name is a per-leaf task-vector
+array ``(T, ...)``; its stack is ``(L, T, ...)`` (see :func:`placement`)."""
+
+
+@contextlib.contextmanager
+def placement(place: Placement) -> Iterator[None]:
+    """While active, :func:`run_bucketed` passes each stacked argument and each
+    output leaf ``x (L, ...)`` (``L`` = leaves in the bucket) through
+    ``place(x, has_task_axis)``, where ``has_task_axis`` says ``x`` is
+    ``(L, T, ...)`` (a kernel argument named :data:`TASK_ARG`).
+
+    Meant for sharding constraints, so enter it *inside* the traced function
+    (``jax.jit`` caches traces and does not see this context). See
+    :func:`pact_jax.sharding.bucket_sharding`.
+    """
+    token = _PLACEMENT.set(place)
+    try:
+        yield
+    finally:
+        _PLACEMENT.reset(token)
+
+
+def _task_arg_flags(kernel: Kernel, n: int) -> list[bool]:
+    params = list(inspect.signature(kernel).parameters)[:n]
+    return [name == TASK_ARG for name in params] + [False] * (n - len(params))
 
 
 # One jitted function per (kernel, static hyperparameters); its own jit cache
@@ -72,7 +112,13 @@ def run_bucketed(
     for (_, static_items), members in buckets.items():
         columns = zip(*(jobs[i][0] for i in members))
         stacked_args = [_stack(list(col)) for col in columns]
+        place = _PLACEMENT.get()
+        if place is not None:
+            flags = _task_arg_flags(kernel, len(stacked_args))
+            stacked_args = [None if a is None else place(a, f) for a, f in zip(stacked_args, flags)]
         out = batched_kernel(kernel, static_items)(*stacked_args)
+        if place is not None:
+            out = jax.tree_util.tree_map(lambda o: place(o, False), out)
         for j, i in enumerate(members):
             results[i] = jax.tree_util.tree_map(lambda o, j=j: o[j], out)
     return results

@@ -46,3 +46,14 @@ def tiny_models():
     pre = make_params(key)
     fts = [perturb(pre, jax.random.fold_in(key, i + 1)) for i in range(3)]
     return pre, fts
+
+
+@pytest.fixture
+def tiny_checkpoints(tmp_path, tiny_models):
+    """The :func:`tiny_models` written as orbax checkpoints: ``(pre_dir, [ft_dirs], pre, fts)``."""
+    from pact_jax import io
+
+    pre, fts = tiny_models
+    pre_dir = io.save(tmp_path / "pre", pre, "orbax")
+    ft_dirs = [io.save(tmp_path / f"ft{i}", ft, "orbax") for i, ft in enumerate(fts)]
+    return pre_dir, ft_dirs, pre, fts

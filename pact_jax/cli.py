@@ -1,0 +1,365 @@
+"""The ``pact-jax`` command line: ``merge`` and ``inspect``.
+
+    pact-jax merge --pretrained PRE --finetuned FT1 FT2 ... --method tsv --pact --output OUT
+    pact-jax merge config.yaml [--flags that override it]
+    pact-jax inspect CKPT [--pretrained PRE] [--finetuned FT ...]
+
+Exit codes: 0 success, 2 usage error (bad flags or config), 1 failure (a
+message names the file and leaf). An output is written to a temporary
+directory next to it and renamed into place when complete; an existing
+output is never replaced without ``--overwrite``, and an input never.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import traceback
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+USAGE_ERROR = 2
+FAILURE = 1
+
+# Config-file keys (also the flags' dest names); values are checked by argparse-like converters below.
+_CONFIG_KEYS = {
+    "pretrained": str,
+    "finetuned": list,
+    "method": str,
+    "pact": bool,
+    "alpha": float,
+    "svd": str,
+    "seed": int,
+    "output": str,
+    "format": str,
+    "output_format": str,
+    "overwrite": bool,
+    "budget_mib": float,
+    "method_args": dict,
+    "pact_args": dict,
+    "rules": dict,
+    "progress": bool,
+}
+_RULE_KEYS = ("matrix", "not_matrix", "average", "freeze")
+
+
+class UsageError(Exception):
+    """Bad command line or config file: exit code 2."""
+
+
+def _key_value(text: str) -> tuple[str, Any]:
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    k, v = text.split("=", 1)
+    return k.strip(), yaml.safe_load(v)
+
+
+def _parser() -> argparse.ArgumentParser:
+    from pact_jax import io, recipes
+
+    ap = argparse.ArgumentParser(prog="pact-jax", description="Merge fine-tuned JAX/Flax checkpoints, with PACT.")
+    ap.add_argument("--traceback", action="store_true", help="print the full traceback on failure")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    m = sub.add_parser(
+        "merge",
+        help="merge checkpoints into one",
+        description="Merge fine-tuned checkpoints of one pre-trained model. Flags override the YAML config.",
+    )
+    m.add_argument("config", nargs="?", help="YAML file whose keys mirror the flags (see README)")
+    m.add_argument("--pretrained", help="pre-trained checkpoint")
+    m.add_argument("--finetuned", nargs="+", help="fine-tuned checkpoints, one per task")
+    m.add_argument("--method", choices=recipes.METHODS)
+    m.add_argument("--pact", action=argparse.BooleanOptionalAction, default=None, help="PACT pre-processing (default: off)")
+    m.add_argument("--alpha", type=float, help="scaling of the merged delta (default per method)")
+    m.add_argument("--svd", choices=("exact", "randomized"), help="SVD used by PACT (default exact)")
+    m.add_argument("--seed", type=int, help="seed of the PRNG key for DARE / randomized SVD (default 0)")
+    m.add_argument("--output", help="where to write the merged checkpoint")
+    m.add_argument("--format", choices=io.FORMATS, help="input format (default: detected)")
+    m.add_argument("--output-format", choices=io.FORMATS, help="output format (default: the pre-trained one's)")
+    m.add_argument("--overwrite", action="store_true", default=None, help="replace an existing output")
+    m.add_argument("--budget-mib", type=float, help="memory budget of one group of leaves (default: whole model)")
+    m.add_argument("--method-arg", type=_key_value, action="append", default=[], metavar="KEY=VALUE",
+                   help="merger hyperparameter, e.g. density=0.2 (repeatable)")  # fmt: skip
+    m.add_argument("--pact-arg", type=_key_value, action="append", default=[], metavar="KEY=VALUE",
+                   help="PACT hyperparameter, e.g. task_rank=0.05 (repeatable)")  # fmt: skip
+    for rule in _RULE_KEYS:
+        m.add_argument(f"--{rule.replace('_', '-')}", dest=f"rule_{rule}", metavar="REGEX",
+                       help=f"leaf rule: paths matching REGEX are '{rule}' (see LeafRules)")  # fmt: skip
+    m.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None, help="progress bar (default on)")
+
+    i = sub.add_parser("inspect", help="show a checkpoint's tree, and task-vector / PACT statistics")
+    i.add_argument("checkpoint", help="checkpoint to inspect (fine-tuned, if --pretrained is given)")
+    i.add_argument("--finetuned", nargs="*", default=[], help="more fine-tuned checkpoints (tasks) for PACT statistics")
+    i.add_argument("--pretrained", help="pre-trained checkpoint: adds task-vector norms and PACT's LBW statistics")
+    i.add_argument("--format", choices=io.FORMATS, help="input format (default: detected)")
+    i.add_argument("--pact-arg", type=_key_value, action="append", default=[], metavar="KEY=VALUE",
+                   help="PACT hyperparameter for the statistics (repeatable)")  # fmt: skip
+    i.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    return ap
+
+
+# --------------------------------------------------------------------------
+# merge
+
+
+def _load_config(path: str) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except OSError as e:
+        raise UsageError(f"cannot read config {path}: {e.strerror}") from e
+    except yaml.YAMLError as e:
+        raise UsageError(f"config {path} is not valid YAML: {e}") from e
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise UsageError(f"config {path} must be a mapping of keys to values, not {type(data).__name__}")
+    unknown = sorted(set(data) - set(_CONFIG_KEYS))
+    if unknown:
+        raise UsageError(f"config {path}: unknown keys {unknown}; allowed: {sorted(_CONFIG_KEYS)}")
+    for k, v in data.items():
+        want = _CONFIG_KEYS[k]
+        ok = isinstance(v, want) or (want is float and isinstance(v, int) and not isinstance(v, bool))
+        if want is list and isinstance(v, str):
+            data[k], ok = [v], True
+        if not ok or (want in (int, float) and isinstance(v, bool)):
+            raise UsageError(f"config {path}: '{k}' must be a {want.__name__}, got {v!r}")
+    unknown_rules = sorted(set(data.get("rules", {})) - set(_RULE_KEYS))
+    if unknown_rules:
+        raise UsageError(f"config {path}: unknown rules {unknown_rules}; allowed: {list(_RULE_KEYS)}")
+    # Relative checkpoint paths in a config are relative to the config file.
+    base = Path(path).parent
+    for k in ("pretrained", "output"):
+        if k in data:
+            data[k] = str(base / data[k])
+    if "finetuned" in data:
+        data["finetuned"] = [str(base / p) for p in data["finetuned"]]
+    return data
+
+
+def merge_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """Config file, then flags on top; checks what is required."""
+    cfg = _load_config(args.config) if args.config else {}
+    for k in ("pretrained", "finetuned", "method", "pact", "alpha", "svd", "seed", "output", "format",
+              "output_format", "overwrite", "budget_mib", "progress"):  # fmt: skip
+        v = getattr(args, k)
+        if v is not None:
+            cfg[k] = v
+    cfg["method_args"] = {**cfg.get("method_args", {}), **dict(args.method_arg)}
+    cfg["pact_args"] = {**cfg.get("pact_args", {}), **dict(args.pact_arg)}
+    cfg["rules"] = {**cfg.get("rules", {}), **{r: getattr(args, f"rule_{r}") for r in _RULE_KEYS if getattr(args, f"rule_{r}")}}
+    missing = [k for k in ("pretrained", "finetuned", "method", "output") if not cfg.get(k)]
+    if missing:
+        raise UsageError(f"merge needs {', '.join('--' + m for m in missing)} (as flags or config keys)")
+    from pact_jax import recipes
+
+    if cfg["method"] not in recipes.METHODS:
+        raise UsageError(f"unknown method {cfg['method']!r}; choose one of {list(recipes.METHODS)}")
+    if cfg.get("svd") not in (None, "exact", "randomized"):
+        raise UsageError(f"svd must be 'exact' or 'randomized', got {cfg['svd']!r}")
+    if cfg.get("svd"):
+        cfg["pact_args"].setdefault("svd", cfg["svd"])
+    return cfg
+
+
+def _rules(spec: dict[str, str]):
+    import pact_jax
+
+    try:
+        return pact_jax.LeafRules(**spec) if spec else pact_jax.DEFAULT_RULES
+    except Exception as e:
+        raise UsageError(f"bad leaf rules {spec}: {e}") from e
+
+
+def run_merge(cfg: dict[str, Any], out=sys.stdout) -> int:
+    import jax
+
+    from pact_jax import recipes
+    from pact_jax.io import streaming
+
+    use_pact = bool(cfg.get("pact", False))
+    try:
+        merge = recipes.make_merge(
+            cfg["method"],
+            use_pact=use_pact,
+            pact_kwargs=cfg["pact_args"] if use_pact else None,
+            method_kwargs=cfg["method_args"],
+            alpha=cfg.get("alpha"),
+            rules=_rules(cfg["rules"]),
+        )
+    except ValueError as e:
+        raise UsageError(str(e)) from e
+    if cfg["pact_args"] and not use_pact:
+        raise UsageError(f"PACT hyperparameters {sorted(cfg['pact_args'])} given, but PACT is off (add --pact).")
+    key = jax.random.key(cfg.get("seed", 0))
+    budget = cfg.get("budget_mib")
+    progress = cfg.get("progress", True)
+    report = streaming.merge_checkpoints(
+        cfg["pretrained"],
+        cfg["finetuned"],
+        cfg["output"],
+        merge,
+        key=key,
+        budget_bytes=None if budget is None else int(budget * 2**20),
+        input_format=cfg.get("format"),
+        output_format=cfg.get("output_format"),
+        overwrite=bool(cfg.get("overwrite", False)),
+        progress=progress,
+    )
+    alpha = cfg.get("alpha", recipes.DEFAULT_ALPHA[cfg["method"]])
+    what = f"{cfg['method']}{' + PACT' if use_pact else ''}, alpha {alpha}"
+    print(f"{what}\n{report.summary()}", file=out)
+    return 0
+
+
+# --------------------------------------------------------------------------
+# inspect
+
+
+def _tree_rows(meta) -> list[dict[str, Any]]:
+    import numpy as np
+
+    return [{"path": p, "shape": list(s.shape), "dtype": str(s.dtype), "size": int(np.prod(s.shape))} for p, s in meta.items()]
+
+
+def run_inspect(args: argparse.Namespace, out=sys.stdout) -> int:
+    import numpy as np
+
+    from pact_jax import io
+    from pact_jax.io.base import human_bytes
+
+    reader = io.open_reader(args.checkpoint, args.format)
+    meta = reader.metadata()
+    rows = _tree_rows(meta)
+    result: dict[str, Any] = {
+        "checkpoint": str(reader.path),
+        "format": reader.format,
+        "num_leaves": len(rows),
+        "num_params": sum(r["size"] for r in rows),
+        "bytes": int(sum(r["size"] * np.dtype(meta[r["path"]].dtype).itemsize for r in rows)),
+        "leaves": rows,
+    }
+    if args.finetuned and not args.pretrained:
+        raise UsageError("--finetuned needs --pretrained (task vectors are differences to it)")
+    if args.pact_arg and not args.pretrained:
+        raise UsageError("--pact-arg needs --pretrained")
+    if args.pretrained:
+        result["tasks"] = _task_statistics(args, reader)
+    if args.json:
+        json.dump(result, out, indent=2)
+        out.write("\n")
+        return 0
+    print(f"{result['checkpoint']} ({result['format']}): {result['num_leaves']} leaves, "
+          f"{result['num_params']:,} parameters, {human_bytes(result['bytes'])}", file=out)  # fmt: skip
+    width = max(len(r["path"]) for r in rows) if rows else 4
+    for r in rows:
+        print(f"  {r['path']:<{width}}  {str(tuple(r['shape'])):<18} {r['dtype']:<9} {r['size']:>12,}", file=out)
+    if "tasks" in result:
+        _print_task_statistics(result["tasks"], out)
+    return 0
+
+
+def _task_statistics(args: argparse.Namespace, reader) -> dict[str, Any]:
+    """Per-leaf ||tau_t||, ||tau_t|| / ||W0|| and PACT's LBW statistics (subspace and scalar)."""
+    import numpy as np
+
+    import pact_jax
+    from pact_jax import io
+    from pact_jax.io.streaming import check_compatible
+
+    pre_reader = io.open_reader(args.pretrained, args.format)
+    readers = [reader] + [io.open_reader(p, args.format) for p in args.finetuned]
+    check_compatible(pre_reader, readers)
+    pre = pre_reader.load()
+    stacked = pact_jax.task_vectors(pre, [r.load() for r in readers])
+    pact_kwargs = dict(args.pact_arg)
+    pact_kwargs.pop("perspective", None)
+    try:
+        subspace = pact_jax.lbw_statistics(pre, stacked, **{**pact_kwargs, "perspective": "subspace"})
+        scalar = pact_jax.lbw_statistics(pre, stacked, **{**pact_kwargs, "perspective": "scalar"})
+    except TypeError as e:
+        raise UsageError(str(e)) from e
+    layers = {}
+    flat_pre, flat_tau = io.flatten(pre), io.flatten(stacked)
+    for p, tau in flat_tau.items():
+        tau = np.asarray(tau, np.float64).reshape(tau.shape[0], -1)
+        norm0 = float(np.linalg.norm(np.asarray(flat_pre[p], np.float64)))
+        norms = np.linalg.norm(tau, axis=1)
+        entry: dict[str, Any] = {
+            "tau_norm": norms.tolist(),
+            "tau_rel": (norms / norm0).tolist() if norm0 > 0 else None,
+        }
+        if p in subspace:
+            s = subspace[p]
+            sides = {side: {"pretrained_dims": int(np.asarray(v["pretrained_dims"])), "lbw_dims": np.asarray(v["lbw_dims"]).tolist()}
+                     for side, v in s.items() if isinstance(v, dict)}  # fmt: skip
+            entry["subspace"] = {**sides, "energy_removed": np.asarray(s["energy_removed"]).tolist()}
+        if p in scalar:
+            s = scalar[p]
+            entry["scalar"] = {"lbw_entries": np.asarray(s["lbw_entries"]).tolist(),
+                               "energy_removed": np.asarray(s["energy_removed"]).tolist()}  # fmt: skip
+        layers[p] = entry
+    return {"checkpoints": [str(r.path) for r in readers], "pretrained": str(pre_reader.path), "layers": layers}
+
+
+def _print_task_statistics(stats: dict[str, Any], out) -> None:
+    n = len(stats["checkpoints"])
+    print(f"\nTask vectors against {stats['pretrained']} ({n} task(s)); per task: ||tau|| / ||W0||, "
+          "PACT subspace: LBW directions (of pre-trained top-k) and energy removed; scalar: energy removed", file=out)  # fmt: skip
+    for p, e in stats["layers"].items():
+        rel = "—" if e["tau_rel"] is None else " ".join(f"{x:.3f}" for x in e["tau_rel"])
+        line = f"  {p}: rel {rel}"
+        if "subspace" in e:
+            s = e["subspace"]
+            side = next(k for k in ("left", "right") if k in s)
+            dims = "/".join(str(d) for d in s[side]["lbw_dims"])
+            line += f" | {side} LBW {dims} of {s[side]['pretrained_dims']}, removed " + " ".join(f"{x:.0%}" for x in s["energy_removed"])
+        if "scalar" in e:
+            line += " | scalar removed " + " ".join(f"{x:.0%}" for x in e["scalar"]["energy_removed"])
+        print(line, file=out)
+
+
+# --------------------------------------------------------------------------
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = _parser()
+    try:
+        args = ap.parse_args(argv)
+    except SystemExit as e:  # argparse: 2 on usage errors, 0 for --help
+        return int(e.code or 0)
+    start = time.perf_counter()
+    try:
+        if args.command == "merge":
+            return run_merge(merge_settings(args))
+        return run_inspect(args)
+    except UsageError as e:
+        print(f"pact-jax {args.command}: usage error: {e}", file=sys.stderr)
+        return USAGE_ERROR
+    except BrokenPipeError:  # `pact-jax inspect ... | head`
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - silence the flush at exit
+        return 0
+    except KeyboardInterrupt:
+        print(f"pact-jax {args.command}: interrupted after {time.perf_counter() - start:.0f} s; nothing was written.",
+              file=sys.stderr)  # fmt: skip
+        return FAILURE
+    except Exception as e:  # noqa: BLE001 - every failure becomes a message and exit code 1
+        if args.traceback:
+            traceback.print_exc()
+        print(f"pact-jax {args.command}: error: {e}", file=sys.stderr)
+        return FAILURE
+
+
+def entry_point() -> None:  # console script
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    entry_point()

@@ -1,0 +1,163 @@
+"""Checkpoints in and out: orbax (default), Flax msgpack, safetensors, T5X.
+
+Every format gives a lazy :class:`CheckpointReader` (``metadata()`` without
+reading arrays, ``read(paths)`` for a subset of leaves) and an incremental,
+atomic :class:`CheckpointWriter`. :func:`load` / :func:`save` are the
+whole-model shortcuts; :mod:`pact_jax.io.streaming` merges leaf group by leaf
+group through the lazy interface.
+
+Format detection (override with ``format=``):
+
+* a file ending in ``.msgpack`` -> ``msgpack``; in ``.safetensors`` -> ``safetensors``;
+* a T5X checkpoint directory (``checkpoint`` msgpack file, or an orbax T5X
+  step directory) -> ``t5x``;
+* a directory of ``*.safetensors`` files (optionally with
+  ``model.safetensors.index.json``) -> ``safetensors``;
+* any other directory -> ``orbax``.
+
+A destination that does not exist yet is typed by its suffix the same way
+(no suffix: an orbax directory).
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import jax
+
+from pact_jax.io.base import (
+    CheckpointError,
+    check_key_names,
+    CheckpointReader,
+    CheckpointWriter,
+    flatten,
+    unflatten,
+)
+from pact_jax.tree import PyTree
+
+# name -> module implementing ``Reader``, ``Writer`` and ``detect(path) -> bool``.
+_MODULES = {
+    "orbax": "pact_jax.io.orbax",
+    "msgpack": "pact_jax.io.msgpack",
+    "safetensors": "pact_jax.io.safetensors",
+    "t5x": "pact_jax.io.t5x",
+}
+FORMATS: tuple[str, ...] = tuple(_MODULES)
+SUFFIXES = {".msgpack": "msgpack", ".safetensors": "safetensors"}
+
+
+def _module(fmt: str):
+    if fmt not in _MODULES:
+        raise CheckpointError(f"unknown checkpoint format {fmt!r}; choose one of {FORMATS}.")
+    return importlib.import_module(_MODULES[fmt])
+
+
+def detect_format(path: str | os.PathLike) -> str:
+    """The format of an existing checkpoint, or of a destination by its suffix."""
+    p = Path(path)
+    if p.suffix in SUFFIXES:
+        return SUFFIXES[p.suffix]
+    if not p.exists():
+        return "orbax"
+    if p.is_file():
+        if p.name == "checkpoint" and _module("t5x").detect(p.parent):
+            return "t5x"
+        raise CheckpointError(
+            f"{p}: cannot tell the checkpoint format of this file from its name; "
+            f"pass the format explicitly (one of {FORMATS})."
+        )
+    for fmt in ("t5x", "safetensors"):
+        if fmt == "t5x" and importlib.util.find_spec("pact_jax.io.t5x") is None:  # TEMP-T5X
+            continue
+        if _module(fmt).detect(p):
+            return fmt
+    return "orbax"
+
+
+def open_reader(path: str | os.PathLike, format: str | None = None) -> CheckpointReader:
+    """A lazy reader of the checkpoint at ``path`` (format detected if not given)."""
+    p = Path(path)
+    if not p.exists():
+        raise CheckpointError(f"{p}: no such checkpoint (file or directory not found).")
+    if not os.access(p, os.R_OK):
+        raise CheckpointError(f"{p}: checkpoint is not readable (permission denied).")
+    fmt = format or detect_format(p)
+    if fmt == "t5x" and p.is_file():
+        p = p.parent
+    return _module(fmt).Reader(p)
+
+
+def open_writer(
+    path: str | os.PathLike,
+    template: Mapping[str, jax.ShapeDtypeStruct],
+    format: str | None = None,
+    *,
+    source: CheckpointReader | None = None,
+    overwrite: bool = False,
+) -> CheckpointWriter:
+    """An atomic writer of a checkpoint with the leaves of ``template``.
+
+    Args:
+      path: destination file or directory; must not exist unless ``overwrite``.
+      template: ``{path: ShapeDtypeStruct}`` of every leaf to be written.
+      format: output format; default: detected from ``path``'s suffix.
+      source: the reader of a checkpoint whose layout to copy; required by
+        ``t5x`` (the merged params replace the ``target`` of a copy of it).
+      overwrite: replace an existing checkpoint at ``path`` (only on commit).
+    """
+    p = Path(path)
+    if (p.exists() or p.is_symlink()) and not overwrite:
+        raise CheckpointError(f"{p} already exists; refusing to overwrite it (pass --overwrite, or overwrite=True in Python).")
+    if not p.parent.exists():
+        raise CheckpointError(f"{p}: parent directory {p.parent} does not exist.")
+    fmt = format or detect_format(p)
+    return _module(fmt).Writer(p, template, source=source)
+
+
+def load(path: str | os.PathLike, format: str | None = None) -> dict:
+    """The whole checkpoint at ``path`` as nested dicts of NumPy arrays."""
+    with open_reader(path, format) as reader:
+        return reader.load()
+
+
+def save(
+    path: str | os.PathLike,
+    params: PyTree,
+    format: str | None = None,
+    *,
+    source: CheckpointReader | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Writes ``params`` (nested dicts of arrays) to ``path`` atomically; returns ``path``."""
+    check_key_names(params, str(path))
+    flat = flatten(params)
+    template = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in flat.items()}
+    with open_writer(path, template, format, source=source, overwrite=overwrite) as writer:
+        writer.write(flat)
+        return writer.commit()
+
+
+__all__ = [
+    "FORMATS",
+    "CheckpointError",
+    "CheckpointReader",
+    "CheckpointWriter",
+    "detect_format",
+    "flatten",
+    "load",
+    "open_reader",
+    "open_writer",
+    "save",
+    "unflatten",
+]
+
+
+def __getattr__(name: str) -> Any:  # lazy submodule access: pact_jax.io.orbax etc.
+    if name in _MODULES:
+        return _module(name)
+    raise AttributeError(name)

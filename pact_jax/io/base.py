@@ -1,0 +1,210 @@
+"""What every checkpoint format provides: a lazy reader, an incremental writer.
+
+A checkpoint is seen as a *flat* mapping ``path -> array`` where ``path`` is
+the ``/``-joined key path of the parameter (``"params/dense_0/kernel"``, the
+same string :func:`pact_jax.tree.path_str` gives), in the checkpoint's leaf
+order. Readers load only the leaves asked for, so a merge can stream the
+model bucket by bucket; writers take disjoint groups of leaves in any order
+and publish the checkpoint atomically on :meth:`CheckpointWriter.commit`.
+
+Formats register themselves in :data:`FORMATS` (see :mod:`pact_jax.io`).
+"""
+
+from __future__ import annotations
+
+import abc
+import contextlib
+import os
+import shutil
+import uuid
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+from flax import traverse_util
+
+from pact_jax.tree import PactInputError, PyTree, leaves_with_paths
+
+SEP = "/"
+
+
+class CheckpointError(PactInputError):
+    """A checkpoint cannot be read or written; the message names the file (and leaf)."""
+
+
+# --------------------------------------------------------------------------
+# Flat <-> nested
+
+
+def flatten(tree: PyTree) -> dict[str, Any]:
+    """Nested params -> ``{path: leaf}`` in the tree's leaf order."""
+    return dict(leaves_with_paths(tree))
+
+
+def unflatten(flat: Mapping[str, Any]) -> dict:
+    """``{path: leaf}`` -> nested dicts (the layout Flax params use)."""
+    return traverse_util.unflatten_dict({tuple(k.split(SEP)): v for k, v in flat.items()})
+
+
+def check_key_names(tree: Mapping, where: str) -> None:
+    """Keys must be strings without ``/`` (the path separator), else paths are ambiguous."""
+    for key in traverse_util.flatten_dict(tree, keep_empty_nodes=False):
+        for part in key:
+            if not isinstance(part, str) or SEP in part:
+                raise CheckpointError(
+                    f"{where}: key {part!r} in path {key} is not a string free of '{SEP}'; "
+                    "pact_jax names leaves by '/'-joined key paths."
+                )
+
+
+# --------------------------------------------------------------------------
+# Reader / writer interface
+
+
+class CheckpointReader(abc.ABC):
+    """Lazy access to one checkpoint's parameters.
+
+    Attributes:
+      path: the checkpoint's file or directory.
+      format: the registered format name.
+    """
+
+    format: str = ""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+
+    @abc.abstractmethod
+    def metadata(self) -> dict[str, jax.ShapeDtypeStruct]:
+        """``{path: ShapeDtypeStruct}`` for every parameter, in leaf order, reading no array."""
+
+    @abc.abstractmethod
+    def read(self, paths: Sequence[str]) -> dict[str, np.ndarray]:
+        """Loads the named leaves (host NumPy arrays in their stored dtype)."""
+
+    def read_all(self) -> dict[str, np.ndarray]:
+        return self.read(list(self.metadata()))
+
+    def load(self) -> dict:
+        """The whole checkpoint as nested dicts of NumPy arrays."""
+        return unflatten(self.read_all())
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Releases open files; readers are also context managers."""
+
+    def __enter__(self) -> CheckpointReader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({str(self.path)!r})"
+
+
+class CheckpointWriter(abc.ABC):
+    """Writes one checkpoint from groups of leaves, published atomically.
+
+    ``write`` may be called any number of times with disjoint groups of
+    leaves, in any order; every leaf of ``template`` must be written exactly
+    once before ``commit``. Nothing appears at the destination before
+    ``commit``; ``abort`` (or an exception inside a ``with`` block) removes
+    everything written.
+    """
+
+    format: str = ""
+
+    def __init__(self, path: str | os.PathLike, template: Mapping[str, jax.ShapeDtypeStruct]):
+        self.path = Path(path)
+        self.template = dict(template)
+        self._written: set[str] = set()
+
+    def write(self, arrays: Mapping[str, Any]) -> None:
+        for p, a in arrays.items():
+            want = self.template.get(p)
+            if want is None:
+                raise CheckpointError(f"{self.path}: leaf '{p}' is not in the checkpoint's template.")
+            if p in self._written:
+                raise CheckpointError(f"{self.path}: leaf '{p}' written twice.")
+            if tuple(np.shape(a)) != tuple(want.shape) or np.dtype(a.dtype) != np.dtype(want.dtype):
+                raise CheckpointError(
+                    f"{self.path}: leaf '{p}' is {np.shape(a)} {a.dtype}, the template says "
+                    f"{want.shape} {want.dtype}."
+                )
+        self._write(arrays)
+        self._written.update(arrays)
+
+    def commit(self) -> Path:
+        missing = [p for p in self.template if p not in self._written]
+        if missing:
+            self.abort()
+            raise CheckpointError(
+                f"{self.path}: {len(missing)} leaves were never written (first: '{missing[0]}'); "
+                "nothing was published."
+            )
+        self._commit()
+        return self.path
+
+    @abc.abstractmethod
+    def _write(self, arrays: Mapping[str, Any]) -> None: ...
+
+    @abc.abstractmethod
+    def _commit(self) -> None: ...
+
+    @abc.abstractmethod
+    def abort(self) -> None: ...
+
+    def __enter__(self) -> CheckpointWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            self.abort()
+
+
+# --------------------------------------------------------------------------
+# Atomic publication
+
+
+def staging_path(dest: Path) -> Path:
+    """A fresh sibling of ``dest`` (same file system, so the final rename is atomic).
+
+    Not a dot-file: orbax finds its pending partial saves with ``glob``, which
+    skips hidden names.
+    """
+    return dest.parent / f"{dest.name}.pact-tmp-{uuid.uuid4().hex[:10]}"
+
+
+def publish(staged: Path, dest: Path) -> None:
+    """Moves ``staged`` to ``dest`` with one rename.
+
+    If ``dest`` exists (the caller checked that overwriting is allowed) it is
+    first renamed aside and deleted only after the new checkpoint is in place,
+    so an interruption never leaves ``dest`` half-written.
+    """
+    old = None
+    if dest.exists() or dest.is_symlink():
+        old = dest.parent / f"{dest.name}.pact-old-{uuid.uuid4().hex[:10]}"
+        os.replace(dest, old)
+    os.replace(staged, dest)
+    if old is not None:
+        remove(old)
+
+
+def remove(path: Path) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+
+
+def human_bytes(n: float) -> str:
+    """``1536 -> '1.5 KiB'``."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")

@@ -1,0 +1,276 @@
+"""Merging checkpoints on disk, group of leaves by group of leaves.
+
+:func:`merge_checkpoints` never holds the whole model: it plans groups of
+leaves (whole shape buckets, split or packed to fit ``budget_bytes``), and for
+each group reads those leaves from the pre-trained and the ``T`` fine-tuned
+checkpoints, runs the chained merge on that sub-tree, and hands the merged
+leaves to the checkpoint writer. Every merger and transform in pact_jax works
+leaf by leaf and draws randomness per leaf path (:func:`pact_jax.tree.leaf_key`),
+so the result equals merging the whole model in memory.
+
+Memory: a group of ``n`` float elements per task costs about
+``WORKING_SET_FACTOR * T * n * 4`` bytes while it is merged (the fine-tuned
+leaves as read, the float32 task vectors, the transform's output, the SVD
+workspace). Groups are sized so this estimate stays within ``budget_bytes``;
+a single leaf larger than the budget is merged alone and reported. The factor
+was measured with ``python -m benchmarks.streaming`` (benchmarks/RESULTS.md).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import resource
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+from pact_jax.io import SUFFIXES, detect_format, open_reader, open_writer
+from pact_jax.io.base import CheckpointError, CheckpointReader, flatten, human_bytes, unflatten
+from pact_jax.tree import PactInputError, check_finite
+
+# Peak bytes of a merged group / bytes of its float32 stacked task vectors
+# (measured for PACT + TSV with exact SVD, the most memory-hungry path).
+WORKING_SET_FACTOR = 4.0
+
+
+@dataclasses.dataclass(frozen=True)
+class MergeReport:
+    """What :func:`merge_checkpoints` did."""
+
+    output: Path
+    num_tasks: int
+    num_leaves: int
+    num_params: int
+    num_groups: int
+    largest_group_bytes: int
+    budget_bytes: int | None
+    over_budget: tuple[str, ...]
+    copied: tuple[str, ...]
+    seconds: float
+    peak_rss_bytes: int
+
+    def summary(self) -> str:
+        lines = [
+            f"merged {self.num_tasks} task(s): {self.num_leaves} leaves, {self.num_params:,} parameters "
+            f"in {self.num_groups} group(s) -> {self.output}",
+            f"time {self.seconds:.1f} s, peak RSS {human_bytes(self.peak_rss_bytes)}, largest group "
+            f"working set ~{human_bytes(self.largest_group_bytes)}"
+            + (f" (budget {human_bytes(self.budget_bytes)})" if self.budget_bytes else ""),
+        ]
+        if self.over_budget:
+            lines.append(f"leaves larger than the budget, merged alone: {list(self.over_budget)}")
+        if self.copied:
+            lines.append(f"non-float leaves copied from the pre-trained checkpoint: {list(self.copied)}")
+        return "\n".join(lines)
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident set size of this process so far (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+# --------------------------------------------------------------------------
+# Validation and planning
+
+
+def check_compatible(pretrained: CheckpointReader, finetuned: Sequence[CheckpointReader]) -> None:
+    """Same leaves, shapes and dtypes in every checkpoint, from metadata alone."""
+    if not finetuned:
+        raise PactInputError("no fine-tuned checkpoints given: pass at least one.")
+    ref = pretrained.metadata()
+    if not ref:
+        raise CheckpointError(f"{pretrained.path}: the checkpoint holds no parameters.")
+    for reader in finetuned:
+        meta = reader.metadata()
+        missing = [p for p in ref if p not in meta]
+        extra = [p for p in meta if p not in ref]
+        if missing or extra:
+            detail = []
+            if missing:
+                detail.append(f"missing leaves {missing[:5]}")
+            if extra:
+                detail.append(f"unexpected leaves {extra[:5]}")
+            raise CheckpointError(
+                f"{reader.path}: not the architecture of the pre-trained checkpoint "
+                f"{pretrained.path}: " + "; ".join(detail)
+            )
+        for p, want in ref.items():
+            got = meta[p]
+            if tuple(got.shape) != tuple(want.shape):
+                raise CheckpointError(f"{reader.path}: leaf '{p}' has shape {got.shape}, pre-trained has {want.shape}.")
+            if np.dtype(got.dtype) != np.dtype(want.dtype):
+                raise CheckpointError(
+                    f"{reader.path}: leaf '{p}' has dtype {got.dtype}, pre-trained has {want.dtype}; "
+                    "cast the checkpoints to one dtype before merging."
+                )
+
+
+def _is_float(s: jax.ShapeDtypeStruct) -> bool:
+    return bool(jax.numpy.issubdtype(s.dtype, jax.numpy.floating))
+
+
+def working_set_bytes(meta: Mapping[str, jax.ShapeDtypeStruct], paths: Sequence[str], num_tasks: int) -> int:
+    """Estimated peak bytes of merging ``paths`` for ``num_tasks`` tasks."""
+    elems = sum(int(np.prod(meta[p].shape)) for p in paths)
+    return int(WORKING_SET_FACTOR * num_tasks * elems * 4)
+
+
+def plan_groups(
+    meta: Mapping[str, jax.ShapeDtypeStruct],
+    num_tasks: int,
+    budget_bytes: int | None,
+) -> list[list[str]]:
+    """Groups of float leaf paths, each merged in one go.
+
+    Leaves are bucketed by shape (so a group feeds whole vmapped buckets to
+    the kernels). Without a budget there is one group. With one, a bucket
+    too large for the budget is split into equal chunks, and small buckets
+    are packed together first-fit, each group's :func:`working_set_bytes`
+    within ``budget_bytes`` unless a single leaf alone exceeds it.
+    """
+    floats = [p for p, s in meta.items() if _is_float(s)]
+    if budget_bytes is None:
+        return [floats] if floats else []
+    if budget_bytes <= 0:
+        raise ValueError(f"budget_bytes must be positive, got {budget_bytes}.")
+    buckets: dict[tuple[int, ...], list[str]] = {}
+    for p in floats:
+        buckets.setdefault(tuple(meta[p].shape), []).append(p)
+    chunks: list[list[str]] = []
+    for paths in buckets.values():
+        per_leaf = working_set_bytes(meta, paths[:1], num_tasks)
+        fit = max(1, budget_bytes // max(per_leaf, 1))
+        n_chunks = -(-len(paths) // fit)
+        # Near-equal chunks: at most two batch sizes per shape to compile.
+        chunks.extend(list(c) for c in np.array_split(np.asarray(paths, dtype=object), n_chunks))
+    groups: list[list[str]] = []
+    loads: list[int] = []
+    for chunk in sorted(chunks, key=lambda c: -working_set_bytes(meta, c, num_tasks)):
+        cost = working_set_bytes(meta, chunk, num_tasks)
+        for i, load in enumerate(loads):
+            if load + cost <= budget_bytes:
+                groups[i].extend(chunk)
+                loads[i] += cost
+                break
+        else:
+            groups.append(list(chunk))
+            loads.append(cost)
+    return groups
+
+
+def _check_not_inside(output: Path, inputs: Sequence[Path]) -> None:
+    out = output.resolve()
+    for src in inputs:
+        s = src.resolve()
+        if out == s or s in out.parents or out in s.parents:
+            raise CheckpointError(
+                f"refusing to write the output {output} into or over the input checkpoint {src}; "
+                "choose an output path outside every input."
+            )
+
+
+# --------------------------------------------------------------------------
+# The merge
+
+
+def merge_checkpoints(
+    pretrained: str | os.PathLike,
+    finetuned: Sequence[str | os.PathLike],
+    output: str | os.PathLike,
+    merge: Callable[..., Any],
+    *,
+    key: jax.Array | None = None,
+    alpha: float | None = None,
+    budget_bytes: int | None = None,
+    input_format: str | None = None,
+    output_format: str | None = None,
+    overwrite: bool = False,
+    progress: bool | Callable[[Sequence[Any]], Any] = False,
+) -> MergeReport:
+    """Merges checkpoints on disk into a new checkpoint at ``output``.
+
+    Args:
+      pretrained: path of the pre-trained checkpoint ``W0``.
+      finetuned: paths of the ``T`` fine-tuned checkpoints.
+      output: destination; must not exist (unless ``overwrite``) and must not
+        be inside, or contain, an input.
+      merge: ``merge(pretrained, finetuned, *, key, alpha) -> params`` over
+        pytrees, as :func:`pact_jax.chain` returns; called once per group.
+      key: PRNG key for randomized steps (DARE, randomized SVD).
+      alpha: scaling of the merged delta; default: the chain's ``alpha``.
+      budget_bytes: memory budget of one group's working set; ``None`` merges
+        all leaves in one group.
+      input_format / output_format: override format detection; the output
+        format defaults to the one its suffix names (``.msgpack``,
+        ``.safetensors``), else the pre-trained checkpoint's.
+      overwrite: replace an existing ``output`` (atomically, on success).
+      progress: ``True`` for a tqdm bar over groups, or a wrapper
+        ``f(iterable) -> iterable``.
+
+    Returns:
+      A :class:`MergeReport`. Nothing is written at ``output`` unless the
+      whole merge succeeds.
+    """
+    start = time.perf_counter()
+    pre_path = Path(pretrained)
+    ft_paths = [Path(p) for p in finetuned]
+    out_path = Path(output)
+    _check_not_inside(out_path, [pre_path, *ft_paths])
+    pre = open_reader(pre_path, input_format)
+    fts = [open_reader(p, input_format) for p in ft_paths]
+    check_compatible(pre, fts)
+    meta = pre.metadata()
+    groups = plan_groups(meta, len(fts), budget_bytes)
+    grouped = {p for g in groups for p in g}
+    copied = [p for p in meta if p not in grouped]
+    over = [g[0] for g in groups if len(g) == 1 and budget_bytes and working_set_bytes(meta, g, len(fts)) > budget_bytes]
+    alpha_kwarg = {} if alpha is None else {"alpha": alpha}
+
+    fmt = output_format or (detect_format(out_path) if out_path.suffix in SUFFIXES else pre.format)
+    writer = open_writer(out_path, meta, fmt, source=pre, overwrite=overwrite)
+    iterate = _progress(progress, groups)
+    with writer:
+        if copied:
+            writer.write(pre.read(copied))
+        for group in iterate:
+            w0 = pre.read(group)
+            check_finite(w0, str(pre.path))
+            tasks = []
+            for reader in fts:
+                leaves = reader.read(group)
+                check_finite(leaves, str(reader.path))
+                tasks.append(unflatten(leaves))
+            merged = merge(unflatten(w0), tasks, key=key, **alpha_kwarg)
+            writer.write({p: np.asarray(a) for p, a in flatten(merged).items()})
+            del w0, tasks, merged
+        writer.commit()
+    for r in (pre, *fts):
+        r.close()
+    return MergeReport(
+        output=out_path,
+        num_tasks=len(fts),
+        num_leaves=len(meta),
+        num_params=int(sum(np.prod(s.shape) for s in meta.values())),
+        num_groups=len(groups),
+        largest_group_bytes=max((working_set_bytes(meta, g, len(fts)) for g in groups), default=0),
+        budget_bytes=budget_bytes,
+        over_budget=tuple(over),
+        copied=tuple(copied),
+        seconds=time.perf_counter() - start,
+        peak_rss_bytes=peak_rss_bytes(),
+    )
+
+
+def _progress(progress, groups):
+    if callable(progress):
+        return progress(groups)
+    if progress:
+        from tqdm.auto import tqdm
+
+        return tqdm(groups, desc="merging", unit="group")
+    return groups
