@@ -12,8 +12,8 @@ Each run reports its RSS after imports and a warm-up merge of one group's
 shapes (the fixed overhead: Python, JAX, XLA executables) and its peak RSS;
 the bound to check is ``peak - overhead <= budget``.
 
-    python -m benchmarks.streaming                 # T=8, 160 MiB model, 32 MiB budget
-    python -m benchmarks.streaming --tasks 4 --layers 16 --width 256 --budget-mib 4   # quick
+    python -m benchmarks.streaming        # T=8, models of 32 and 128 MiB, 32 MiB budget
+    python -m benchmarks.streaming --tasks 4 --layers 4 16 --width 256 --budget-mib 1   # quick
 """
 
 from __future__ import annotations
@@ -59,6 +59,7 @@ def write_checkpoints(root: Path, tasks: int, layers: int, width: int) -> None:
 
     from pact_jax import io
 
+    root.mkdir(parents=True, exist_ok=True)
     key = jax.random.key(0)
     pre = _model(key, layers, width)
     io.save(root / "pre", pre, "orbax")
@@ -81,23 +82,16 @@ def run_merge(root: Path, tasks: int, budget: int | None, method: str) -> dict:
     """In this (fresh) process: warm up, then merge; returns the measurements."""
     import shutil
 
-    import jax
-    import numpy as np
-
-    from pact_jax import io
     from pact_jax.io import streaming
 
     merge = _merge_fn(method)
-    pre = io.open_reader(root / "pre")
-    meta = pre.metadata()
-    # Warm-up: compile the kernels for one group of this model's shapes on zeros,
-    # so the overhead includes the XLA executables the real merge reuses.
-    groups = streaming.plan_groups(meta, tasks, budget)
-    shapes = {p: meta[p] for p in groups[0]}
-    zeros = io.unflatten({p: np.zeros(s.shape, s.dtype) for p, s in shapes.items()})
-    ones = io.unflatten({p: np.full(s.shape, 1e-3, s.dtype) for p, s in shapes.items()})
-    jax.block_until_ready(merge(zeros, [ones] * tasks))
-    del zeros, ones
+    # Warm-up on a tiny model through the same path (orbax/tensorstore readers and
+    # writer, JAX runtime, the merge code); the RSS after it is the fixed overhead.
+    # Compiling the kernels for the real shapes is left to the measured merge.
+    warm = root / "warm"
+    shutil.rmtree(warm, ignore_errors=True)
+    write_checkpoints(warm, tasks, layers=2, width=8)
+    streaming.merge_checkpoints(warm / "pre", [warm / f"ft{t}" for t in range(tasks)], warm / "out", merge)
     overhead = _rss_now()
     out = root / f"out-{budget}"
     shutil.rmtree(out, ignore_errors=True)
@@ -124,47 +118,43 @@ def _child(args) -> None:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tasks", type=int, default=8)
-    ap.add_argument("--layers", type=int, default=40)
+    ap.add_argument("--layers", type=int, nargs="+", default=[8, 32], help="model depths to compare")
     ap.add_argument("--width", type=int, default=1024)
     ap.add_argument("--budget-mib", type=float, default=32.0)
     ap.add_argument("--method", choices=("tsv", "ties"), default="ties")
     ap.add_argument("--root", default=None, help="where to write the checkpoints (default: a temp dir)")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
-    ap.add_argument("--skip-in-memory", action="store_true", help="only the streamed merge")
+    ap.add_argument("--skip-in-memory", action="store_true", help="only the streamed merges")
     args = ap.parse_args(argv)
     if args.child:
         _child(args)
         return
 
-    with tempfile.TemporaryDirectory(dir=args.root) as tmp:
-        root = Path(tmp)
-        model_bytes = args.layers * (args.width * args.width + args.width) * 4
-        print(
-            f"# streaming merge, PACT + {args.method}, T={args.tasks}, model {args.layers} x "
-            f"({args.width}x{args.width} + bias) float32 = {model_bytes / MIB:.0f} MiB per checkpoint, "
-            f"budget {args.budget_mib:.0f} MiB ({model_bytes / (args.budget_mib * MIB):.1f}x smaller than the model)"
-        )
-        t0 = time.perf_counter()
-        subprocess.run([sys.executable, "-c", _WRITE, str(root), str(args.tasks), str(args.layers), str(args.width)], check=True)
-        print(f"# wrote {args.tasks + 1} checkpoints in {time.perf_counter() - t0:.0f} s")
-        runs = [("streamed", args.budget_mib)] + ([] if args.skip_in_memory else [("in memory", 0)])
-        rows = []
-        for name, budget_mib in runs:
-            cmd = [sys.executable, "-m", "benchmarks.streaming", "--child", "--root", str(root),
-                   "--tasks", str(args.tasks), "--budget-mib", str(budget_mib), "--method", args.method]  # fmt: skip
-            res = subprocess.run(cmd, check=True, capture_output=True, text=True, env=os.environ)
-            rows.append((name, json.loads(res.stdout.strip().splitlines()[-1])))
-    print(f"# machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, python {platform.python_version()}")
-    print("| run | budget MiB | groups | est. largest group MiB | overhead RSS MiB | peak RSS MiB | peak - overhead MiB | within budget | merge s |")
+    print(f"# streaming merge benchmark, PACT + {args.method}, T={args.tasks}, budget {args.budget_mib:g} MiB, "
+          f"layers ({args.width}x{args.width} kernel + bias, float32); {time.strftime('%Y-%m-%d')}")  # fmt: skip
+    print(f"# machine: {platform.machine()}, {os.cpu_count()} cores, python {platform.python_version()}")
+    print("| model MiB | model / budget | run | groups | overhead RSS MiB | peak RSS MiB | peak - overhead MiB "
+          "| within budget | merge s |")  # fmt: skip
     print("|---|---|---|---|---|---|---|---|---|")
-    for name, r in rows:
-        extra = (r["peak"] - r["overhead"]) / MIB
-        budget = r["budget"]
-        ok = "yes" if budget and extra <= budget / MIB else ("-" if not budget else "NO")
-        print(
-            f"| {name} | {budget / MIB if budget else 'none'} | {r['groups']} | {r['largest_group'] / MIB:.1f} | "
-            f"{r['overhead'] / MIB:.0f} | {r['peak'] / MIB:.0f} | {extra:.0f} | {ok} | {r['seconds']:.1f} |"
-        )
+    for layers in args.layers:
+        model_bytes = layers * (args.width * args.width + args.width) * 4
+        with tempfile.TemporaryDirectory(dir=args.root) as tmp:
+            root = Path(tmp)
+            subprocess.run([sys.executable, "-c", _WRITE, str(root), str(args.tasks), str(layers), str(args.width)],
+                           check=True)  # fmt: skip
+            runs = [("streamed", args.budget_mib)] + ([] if args.skip_in_memory else [("in memory", 0)])
+            for name, budget_mib in runs:
+                cmd = [sys.executable, "-m", "benchmarks.streaming", "--child", "--root", str(root),
+                       "--tasks", str(args.tasks), "--budget-mib", str(budget_mib), "--method", args.method]  # fmt: skip
+                res = subprocess.run(cmd, check=True, capture_output=True, text=True)
+                r = json.loads(res.stdout.strip().splitlines()[-1])
+                extra = (r["peak"] - r["overhead"]) / MIB
+                ok = "-" if not r["budget"] else ("yes" if extra <= r["budget"] / MIB else "NO")
+                print(
+                    f"| {model_bytes / MIB:.0f} | {model_bytes / (args.budget_mib * MIB):.1f} | {name} | {r['groups']} | "
+                    f"{r['overhead'] / MIB:.0f} | {r['peak'] / MIB:.0f} | {extra:.0f} | {ok} | {r['seconds']:.1f} |",
+                    flush=True,
+                )
 
 
 _WRITE = (

@@ -177,7 +177,7 @@ def _rules(spec: dict[str, str]):
         raise UsageError(f"bad leaf rules {spec}: {e}") from e
 
 
-def run_merge(cfg: dict[str, Any], out=sys.stdout) -> int:
+def run_merge(cfg: dict[str, Any]) -> int:
     import jax
 
     from pact_jax import recipes
@@ -214,7 +214,7 @@ def run_merge(cfg: dict[str, Any], out=sys.stdout) -> int:
     )
     alpha = cfg.get("alpha", recipes.DEFAULT_ALPHA[cfg["method"]])
     what = f"{cfg['method']}{' + PACT' if use_pact else ''}, alpha {alpha}"
-    print(f"{what}\n{report.summary()}", file=out)
+    print(f"{what}\n{report.summary()}")
     return 0
 
 
@@ -228,7 +228,7 @@ def _tree_rows(meta) -> list[dict[str, Any]]:
     return [{"path": p, "shape": list(s.shape), "dtype": str(s.dtype), "size": int(np.prod(s.shape))} for p, s in meta.items()]
 
 
-def run_inspect(args: argparse.Namespace, out=sys.stdout) -> int:
+def run_inspect(args: argparse.Namespace) -> int:
     import numpy as np
 
     from pact_jax import io
@@ -252,16 +252,15 @@ def run_inspect(args: argparse.Namespace, out=sys.stdout) -> int:
     if args.pretrained:
         result["tasks"] = _task_statistics(args, reader)
     if args.json:
-        json.dump(result, out, indent=2)
-        out.write("\n")
+        print(json.dumps(result, indent=2))
         return 0
     print(f"{result['checkpoint']} ({result['format']}): {result['num_leaves']} leaves, "
-          f"{result['num_params']:,} parameters, {human_bytes(result['bytes'])}", file=out)  # fmt: skip
+          f"{result['num_params']:,} parameters, {human_bytes(result['bytes'])}")  # fmt: skip
     width = max(len(r["path"]) for r in rows) if rows else 4
     for r in rows:
-        print(f"  {r['path']:<{width}}  {str(tuple(r['shape'])):<18} {r['dtype']:<9} {r['size']:>12,}", file=out)
+        print(f"  {r['path']:<{width}}  {str(tuple(r['shape'])):<18} {r['dtype']:<9} {r['size']:>12,}")
     if "tasks" in result:
-        _print_task_statistics(result["tasks"], out)
+        _print_task_statistics(result["tasks"])
     return 0
 
 
@@ -308,10 +307,10 @@ def _task_statistics(args: argparse.Namespace, reader) -> dict[str, Any]:
     return {"checkpoints": [str(r.path) for r in readers], "pretrained": str(pre_reader.path), "layers": layers}
 
 
-def _print_task_statistics(stats: dict[str, Any], out) -> None:
+def _print_task_statistics(stats: dict[str, Any]) -> None:
     n = len(stats["checkpoints"])
     print(f"\nTask vectors against {stats['pretrained']} ({n} task(s)); per task: ||tau|| / ||W0||, "
-          "PACT subspace: LBW directions (of pre-trained top-k) and energy removed; scalar: energy removed", file=out)  # fmt: skip
+          "PACT subspace: LBW directions (of pre-trained top-k) and energy removed; scalar: energy removed")  # fmt: skip
     for p, e in stats["layers"].items():
         rel = "—" if e["tau_rel"] is None else " ".join(f"{x:.3f}" for x in e["tau_rel"])
         line = f"  {p}: rel {rel}"
@@ -322,7 +321,7 @@ def _print_task_statistics(stats: dict[str, Any], out) -> None:
             line += f" | {side} LBW {dims} of {s[side]['pretrained_dims']}, removed " + " ".join(f"{x:.0%}" for x in s["energy_removed"])
         if "scalar" in e:
             line += " | scalar removed " + " ".join(f"{x:.0%}" for x in e["scalar"]["energy_removed"])
-        print(line, file=out)
+        print(line)
 
 
 # --------------------------------------------------------------------------

@@ -98,6 +98,9 @@ class DemoConfig:
       pretrain_lr, probe_lr, finetune_lr: Adam learning rates.
       methods: mergers to run (keys of :data:`METHODS`).
       alphas: the grid ``alpha`` is chosen from on the validation split.
+      save_dir: if set, the pre-trained and fine-tuned encoders are written
+        there as orbax checkpoints (``pretrained/``, ``task0/`` ...), ready
+        for ``pact-jax merge``.
     """
 
     num_tasks: int = 4
@@ -121,6 +124,7 @@ class DemoConfig:
     finetune_lr: float = 1e-3
     methods: tuple[str, ...] = DEFAULT_METHODS
     alphas: tuple[float, ...] = DEFAULT_ALPHAS
+    save_dir: str | None = None
 
     def __post_init__(self) -> None:
         if self.num_tasks < 1:
@@ -344,6 +348,19 @@ def finetune(
 # Evaluation and merging
 
 
+def save_checkpoints(directory: str, pretrained: PyTree, finetuned: Sequence[PyTree]) -> list:
+    """Writes ``directory/pretrained`` and ``directory/task{t}`` (orbax); returns their paths."""
+    from pathlib import Path
+
+    from pact_jax import io
+
+    root = Path(directory)
+    root.mkdir(parents=True, exist_ok=True)
+    paths = [io.save(root / "pretrained", pretrained)]
+    paths += [io.save(root / f"task{t}", ft) for t, ft in enumerate(finetuned)]
+    return paths
+
+
 def _make_accuracy(cfg: DemoConfig) -> tuple[Callable[..., jax.Array], Callable[..., jax.Array]]:
     """Jitted per-task accuracy ``(T,)`` for one shared encoder, and for one encoder per task."""
     encoder, head = Encoder(cfg.width, cfg.depth), Head(cfg.task_classes)
@@ -457,6 +474,9 @@ def run_demo(cfg: DemoConfig = DemoConfig(), log: Callable[[str], None] | None =
         f"({timings['finetune']:.1f} s)"
     )
     ft_encs = [jax.tree_util.tree_map(lambda x, t=t: x[t], ft_stacked) for t in range(cfg.num_tasks)]
+    if cfg.save_dir:
+        saved = save_checkpoints(cfg.save_dir, pre_enc, ft_encs)
+        say(f"wrote {len(saved)} orbax checkpoints to {cfg.save_dir}: {', '.join(p.name for p in saved)}")
 
     shared_acc, per_task_acc = _make_accuracy(cfg)
     test = data["test"]
@@ -590,6 +610,10 @@ def build_parser() -> argparse.ArgumentParser:
         f"its default)",
     )
     p.add_argument(
+        "--save-checkpoints", metavar="DIR", default=None,
+        help="also write the pre-trained and fine-tuned encoders as orbax checkpoints under DIR",
+    )
+    p.add_argument(
         "--methods", default=",".join(DEFAULT_METHODS),
         help="comma-separated mergers from: " + ", ".join(METHODS) + " (default: all)",
     )
@@ -612,6 +636,7 @@ def config_from_args(args: argparse.Namespace) -> DemoConfig:
         pretrain_steps=pretrain_steps,
         probe_steps=probe_steps,
         methods=methods,
+        save_dir=args.save_checkpoints,
     )
 
 
