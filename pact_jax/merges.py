@@ -114,7 +114,7 @@ def _ties_kernel(tau: jax.Array, *, density: float) -> jax.Array:
     """
     keep = max(1, round(density * tau.shape[-1]))
     mag = jnp.abs(tau)
-    threshold = jnp.sort(mag, axis=-1)[:, -keep][:, None]
+    threshold = linalg.kth_largest(mag, keep)[:, None]
     trimmed = jnp.where(mag >= threshold, tau, 0.0)
     elected = jnp.sign(trimmed.sum(0))
     agree = (jnp.sign(trimmed) == elected) & (trimmed != 0)

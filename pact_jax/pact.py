@@ -178,8 +178,7 @@ def _energy_removed(tau: jax.Array, out: jax.Array) -> jax.Array:
 
 def _top_fraction_mask(x: jax.Array, count: int) -> jax.Array:
     """``x >= `` its ``count``-th largest value along the last axis."""
-    threshold = jnp.sort(x, axis=-1)[..., -count]
-    return x >= threshold[..., None]
+    return x >= linalg.kth_largest(x, count)[..., None]
 
 
 def _scalar_kernel(
@@ -201,7 +200,7 @@ def _scalar_kernel(
     important = _top_fraction_mask(jnp.abs(w0), top_count) & (w0 != 0)  # (N,)
     # anchored: |tau_t| within its anchor_count smallest magnitudes.
     mag = jnp.abs(tau)
-    anchored = mag <= jnp.sort(mag, axis=-1)[:, anchor_count - 1][:, None]
+    anchored = mag <= linalg.kth_smallest(mag, anchor_count)[:, None]
     lbw = important[None] & anchored  # (T, N)
     count = lbw.sum(0)
     masked = (count[None] - lbw) > 0 if exclude_self else jnp.broadcast_to(count > 0, lbw.shape)

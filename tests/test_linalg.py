@@ -374,3 +374,29 @@ def test_energy_rank_mask_hand_example():
     np.testing.assert_array_equal(
         np.asarray(linalg.energy_rank_mask(s, 0.9, total=jnp.asarray(100.0))), [True] * 4
     )
+
+
+# ==========================================================================
+# k-th largest / smallest by bit bisection
+
+
+@pytest.mark.parametrize("n", [1, 7, 1000])
+def test_kth_largest_and_smallest_match_sort(n):
+    rng = np.random.default_rng(n)
+    x = np.abs(rng.normal(size=(3, 2, n))).astype(np.float32)
+    x[0, 0, : n // 2] = 0.0  # zeros
+    x[1, 1] = np.round(x[1, 1], 1)  # many ties
+    x[2, 0, -1] = np.inf
+    ref = np.sort(x, axis=-1)
+    for k in sorted({1, 2, n // 3 + 1, n}):
+        if k > n:
+            continue
+        np.testing.assert_array_equal(np.asarray(linalg.kth_largest(jnp.asarray(x), k)), ref[..., -k])
+        np.testing.assert_array_equal(np.asarray(linalg.kth_smallest(jnp.asarray(x), k)), ref[..., k - 1])
+
+
+def test_kth_largest_handles_subnormals_and_huge_values():
+    x = np.array([[1e-45, 3e-41, 1e-38, 3.4e38, 0.0, 1.0]], np.float32)
+    ref = np.sort(x, axis=-1)
+    for k in range(1, 7):
+        assert float(linalg.kth_largest(jnp.asarray(x), k)[0]) == ref[0, -k]

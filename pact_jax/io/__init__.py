@@ -22,7 +22,6 @@ A destination that does not exist yet is typed by its suffix the same way
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -72,8 +71,6 @@ def detect_format(path: str | os.PathLike) -> str:
             f"pass the format explicitly (one of {FORMATS})."
         )
     for fmt in ("t5x", "safetensors"):
-        if fmt == "t5x" and importlib.util.find_spec("pact_jax.io.t5x") is None:  # TEMP-T5X
-            continue
         if _module(fmt).detect(p):
             return fmt
     return "orbax"
