@@ -12,8 +12,8 @@ Each run reports its RSS after imports and a warm-up merge of one group's
 shapes (the fixed overhead: Python, JAX, XLA executables) and its peak RSS;
 the bound to check is ``peak - overhead <= budget``.
 
-    python -m benchmarks.streaming        # T=8, models of 32 and 128 MiB, 32 MiB budget
-    python -m benchmarks.streaming --tasks 4 --layers 4 16 --width 256 --budget-mib 1   # quick
+    python -m benchmarks.streaming        # T=8, models of 8, 32 and 128 MiB, 32 MiB budget
+    python -m benchmarks.streaming --tasks 4 --layers 4 16 --width 128 --budget-mib 2   # quick
 """
 
 from __future__ import annotations
@@ -70,12 +70,10 @@ def write_checkpoints(root: Path, tasks: int, layers: int, width: int) -> None:
 
 
 def _merge_fn(method: str):
-    import functools
+    from pact_jax import recipes
 
-    import pact_jax
-
-    merger = {"tsv": pact_jax.merges.tsv, "ties": functools.partial(pact_jax.merges.ties, density=0.2)}[method]
-    return pact_jax.chain(pact_jax.pact, merger, alpha=0.5)
+    # PACT in the perspective the method calls for (scalar for ties, subspace for tsv).
+    return recipes.make_merge(method, use_pact=True, alpha=0.5)
 
 
 def run_merge(root: Path, tasks: int, budget: int | None, method: str) -> dict:
@@ -118,9 +116,10 @@ def _child(args) -> None:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tasks", type=int, default=8)
-    ap.add_argument("--layers", type=int, nargs="+", default=[8, 32], help="model depths to compare")
-    ap.add_argument("--width", type=int, default=1024)
+    ap.add_argument("--layers", type=int, nargs="+", default=[32, 128, 512], help="model depths to compare")
+    ap.add_argument("--width", type=int, default=256)
     ap.add_argument("--budget-mib", type=float, default=32.0)
+    ap.add_argument("--in-memory-max-layers", type=int, default=128, help="skip the in-memory run above this depth")
     ap.add_argument("--method", choices=("tsv", "ties"), default="ties")
     ap.add_argument("--root", default=None, help="where to write the checkpoints (default: a temp dir)")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -142,7 +141,8 @@ def main(argv=None) -> None:
             root = Path(tmp)
             subprocess.run([sys.executable, "-c", _WRITE, str(root), str(args.tasks), str(layers), str(args.width)],
                            check=True)  # fmt: skip
-            runs = [("streamed", args.budget_mib)] + ([] if args.skip_in_memory else [("in memory", 0)])
+            in_memory = not args.skip_in_memory and layers <= args.in_memory_max_layers
+            runs = [("streamed", args.budget_mib)] + ([("in memory", 0)] if in_memory else [])
             for name, budget_mib in runs:
                 cmd = [sys.executable, "-m", "benchmarks.streaming", "--child", "--root", str(root),
                        "--tasks", str(args.tasks), "--budget-mib", str(budget_mib), "--method", args.method]  # fmt: skip

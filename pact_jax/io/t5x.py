@@ -98,6 +98,7 @@ by ``ocp.CheckpointManager`` the way t5x configures it):
 
 from __future__ import annotations
 
+import ast
 import copy
 import json
 import math
@@ -150,16 +151,15 @@ def _is_ts_spec(x: Any) -> bool:
     return isinstance(x, dict) and _TS_SPEC_KEYS <= x.keys()
 
 
-def _msgpack_top_keys(file: Path) -> list[str]:
-    """The top-level keys of a msgpack map, skipping (not decoding) the values."""
+def _msgpack_has_state_keys(file: Path) -> bool:
+    """Whether the top-level msgpack map has a T5X key, skipping (not decoding) values."""
     with open(file, "rb") as f:
         unpacker = msgpack.Unpacker(f, raw=False, max_buffer_size=64 * 1024 * 1024)
-        n = unpacker.read_map_header()
-        keys = []
-        for _ in range(n):
-            keys.append(unpacker.unpack())
+        for _ in range(unpacker.read_map_header()):
+            if unpacker.unpack() in ("optimizer", TARGET):  # version >= 1, version 0
+                return True
             unpacker.skip()
-        return keys
+    return False
 
 
 def _orbax_top_keys(item: Path) -> set[str]:
@@ -171,8 +171,6 @@ def _orbax_top_keys(item: Path) -> set[str]:
         if km:
             keys.add(km[0].get("key"))
         elif k.startswith("("):
-            import ast
-
             keys.add(ast.literal_eval(k)[0])
     return keys
 
@@ -192,15 +190,16 @@ def _is_legacy(path: Path) -> bool:
     file = path / MSGPACK_FILE
     if not file.is_file() or (path / ORBAX_METADATA).exists():  # orbax's aggregate file is also 'checkpoint'
         return False
-    try:
-        with open(file, "rb") as f:
-            head = f.read(21)
-        if head == b"model_checkpoint_path":  # a TensorFlow (T5 / Mesh TF) checkpoint index
-            return False
-        keys = _msgpack_top_keys(file)
-    except Exception:
+    with open(file, "rb") as f:
+        head = f.read(21)
+    if not head or head == b"model_checkpoint_path":  # empty, or a TensorFlow (T5 / Mesh TF) index
         return False
-    return "optimizer" in keys or TARGET in keys
+    if not (0x80 <= head[0] <= 0x8F or head[0] in (0xDE, 0xDF)):  # not a msgpack map
+        return False
+    try:
+        return _msgpack_has_state_keys(file)
+    except Exception:  # a damaged msgpack map named 'checkpoint': let the reader say what is wrong
+        return True
 
 
 def _layout(path: Path) -> str | None:
@@ -230,7 +229,9 @@ class Reader(CheckpointReader):
 
     ``Reader(path)`` returns the reader of the layout found at ``path`` (a
     step directory; for the orbax layout also its ``state`` item). Attribute
-    ``layout`` is ``"legacy"`` or ``"orbax"``.
+    ``layout`` is ``"legacy"`` or ``"orbax"``. ``read(paths, shardings=None)``
+    returns host NumPy arrays, or ``jax.Array`` placed with ``shardings[path]``
+    (orbax: restored straight into that sharding).
     """
 
     format = "t5x"
@@ -247,14 +248,6 @@ class Reader(CheckpointReader):
                 )
             cls = _LegacyReader if layout == LEGACY else _OrbaxReader
         return super().__new__(cls)
-
-    def read(
-        self,
-        paths: Sequence[str],
-        shardings: Mapping[str, jax.sharding.Sharding] | None = None,
-    ) -> dict[str, Any]:
-        """Loads ``paths`` (NumPy arrays, or ``jax.Array`` placed with ``shardings[path]``)."""
-        raise NotImplementedError
 
     def _unknown(self, paths: Sequence[str]) -> None:
         meta = self.metadata()
@@ -343,7 +336,10 @@ class _LegacyReader(Reader):
         del raw
         if not isinstance(contents, dict):
             raise CheckpointError(f"{self.file}: holds a {type(contents).__name__}, not a T5X state dict.")
-        self.version = contents.get("version", 0)
+        version = contents.get("version", 0)
+        if not isinstance(version, (int, np.integer)):
+            raise CheckpointError(f"{self.file}: 'version' is {version!r}, not a T5X checkpoint version.")
+        self.version = int(version)
         if "optimizer" in contents:
             prefix: tuple[str, ...] = ("optimizer",)
             optimizer = contents["optimizer"]
@@ -386,8 +382,8 @@ class _LegacyReader(Reader):
             return tuple(t.shape), np.dtype(t.dtype.numpy_dtype)
         try:
             return tuple(int(s) for s in shape), _dtype_of(dtype)
-        except TypeError as e:
-            raise CheckpointError(f"{self.file}: leaf '{p}' has an unknown dtype {dtype!r}.") from e
+        except (TypeError, ValueError) as e:
+            raise CheckpointError(f"{self.file}: leaf '{p}' has a bad shape/dtype {shape!r} {dtype!r}.") from e
 
     def metadata(self) -> dict[str, jax.ShapeDtypeStruct]:
         if self._meta is None:
@@ -405,21 +401,22 @@ class _LegacyReader(Reader):
         """Whether the leaf is stored inline in the msgpack (else in TensorStore)."""
         return not isinstance(self._leaves[path], _TsLeaf)
 
-    def _array_dir(self, p: str, spec: dict) -> Path:
+    def _prepare(self, p: str, spec: dict) -> tuple[dict, Path]:
+        """The spec to open leaf ``p`` with, and its array directory (which must exist)."""
         try:
-            _, array_dir = _local_spec(spec, self.path, keep_layout=False)
+            local, array_dir = _local_spec(spec, self.path, keep_layout=False)
         except ValueError as e:
             raise CheckpointError(f"{self.file}: leaf '{p}': {e}.") from e
-        return array_dir
-
-    def _open(self, p: str, spec: dict):
-        import tensorstore as ts
-
-        local, array_dir = _local_spec(spec, self.path, keep_layout=False)
         if not array_dir.is_dir():
             raise CheckpointError(
                 f"{array_dir}: TensorStore array of leaf '{p}' is missing (referenced by {self.file})."
             )
+        return local, array_dir
+
+    def _open(self, p: str, spec: dict):
+        import tensorstore as ts
+
+        local, array_dir = self._prepare(p, spec)
         try:
             return ts.open(local, open=True, read=True, context=_ts_context()).result()
         except Exception as e:
@@ -430,30 +427,37 @@ class _LegacyReader(Reader):
         paths: Sequence[str],
         shardings: Mapping[str, jax.sharding.Sharding] | None = None,
     ) -> dict[str, Any]:
+        import tensorstore as ts
+
         self._unknown(paths)
         meta = self.metadata()
         out: dict[str, Any] = {}
-        pending = []
-        for p in paths:
+        opening = []
+        for p in paths:  # open, then read, all leaves of the group concurrently
             leaf = self._leaves[p]
             if isinstance(leaf, _TsLeaf):
-                t = self._open(p, leaf.spec)
-                pending.append((p, t.read()))  # all reads of the group run concurrently
+                local, array_dir = self._prepare(p, leaf.spec)
+                opening.append((p, array_dir, ts.open(local, open=True, read=True, context=_ts_context())))
             else:
                 out[p] = np.asarray(leaf) if isinstance(leaf, np.generic) else leaf
-        for p, fut in pending:
+        reading = []
+        for p, array_dir, fut in opening:
             try:
-                out[p] = np.asarray(fut.result())
+                reading.append((p, array_dir, fut.result().read()))
             except Exception as e:
-                raise CheckpointError(
-                    f"{self._array_dir(p, self._leaves[p].spec)}: cannot read leaf '{p}' ({e})."
-                ) from e
+                raise CheckpointError(f"{array_dir}: cannot open the TensorStore array of leaf '{p}' ({e}).") from e
+        for p, array_dir, fut in reading:
+            try:
+                a = np.asarray(fut.result())
+            except Exception as e:
+                raise CheckpointError(f"{array_dir}: cannot read leaf '{p}' ({e}).") from e
             want = meta[p]
-            if out[p].shape != tuple(want.shape) or out[p].dtype != want.dtype:
+            if a.shape != tuple(want.shape) or a.dtype != want.dtype:
                 raise CheckpointError(
-                    f"{self._array_dir(p, self._leaves[p].spec)}: leaf '{p}' is {out[p].shape} "
-                    f"{out[p].dtype}, the spec in {self.file} says {want.shape} {want.dtype}."
+                    f"{array_dir}: leaf '{p}' is {a.shape} {a.dtype}, the spec in {self.file} says "
+                    f"{tuple(want.shape)} {want.dtype}."
                 )
+            out[p] = a
         result = {p: out[p] for p in paths}
         if shardings:
             result = {p: jax.device_put(a, shardings[p]) if p in shardings else a for p, a in result.items()}
@@ -825,10 +829,11 @@ class _OrbaxWriter(Writer):
                 walk(v, (k,))
 
         def nbytes(m) -> int:
-            return sum(
-                int(math.prod(getattr(x, "shape", ()) or ())) * np.dtype(getattr(x, "dtype", None) or np.uint8).itemsize
-                for x in jax.tree_util.tree_leaves(m)
-            )
+            total = 0
+            for x in jax.tree_util.tree_leaves(m):
+                itemsize = np.dtype(getattr(x, "dtype", None) or np.uint8).itemsize
+                total += int(math.prod(getattr(x, "shape", ()) or ())) * itemsize
+            return total
 
         def nest(pairs):
             out: dict = {}
@@ -898,7 +903,8 @@ class _OrbaxWriter(Writer):
             except (OSError, ValueError):
                 shutil.copy2(step / STEP_METADATA, self._staged / STEP_METADATA)
         # Other items (dataset/ ...) and files: copied.
-        skip = {src.item.absolute(), *(step.absolute() / n for n in (ORBAX_INDICATOR, COMMIT_MARKER, STEP_METADATA))}
+        markers = (ORBAX_INDICATOR, COMMIT_MARKER, STEP_METADATA)
+        skip = {src.item.absolute(), *(step.absolute() / n for n in markers)}
         _copy_except(step, self._staged, skip)
         publish(self._staged, self.path)
 
