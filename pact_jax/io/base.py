@@ -84,6 +84,13 @@ class CheckpointReader(abc.ABC):
     def read(self, paths: Sequence[str]) -> dict[str, np.ndarray]:
         """Loads the named leaves (host NumPy arrays in their stored dtype)."""
 
+    def check_paths(self, paths: Sequence[str]) -> None:
+        """Raises :class:`CheckpointError` naming the first of ``paths`` not in :meth:`metadata`."""
+        meta = self.metadata()
+        for p in paths:
+            if p not in meta:
+                raise CheckpointError(f"{self.path}: no leaf '{p}' in this checkpoint.")
+
     def read_all(self) -> dict[str, np.ndarray]:
         return self.read(list(self.metadata()))
 

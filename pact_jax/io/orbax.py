@@ -105,10 +105,8 @@ class Reader(CheckpointReader):
         shardings: Mapping[str, jax.sharding.Sharding] | None = None,
     ) -> dict[str, Any]:
         """Restores ``paths`` only; NumPy arrays, or ``jax.Array`` with ``shardings[path]``."""
+        self.check_paths(paths)
         meta = self.metadata()
-        unknown = [p for p in paths if p not in meta]
-        if unknown:
-            raise CheckpointError(f"{self.item}: no leaf '{unknown[0]}' in this checkpoint.")
         if not paths:
             return {}
         shardings = shardings or {}

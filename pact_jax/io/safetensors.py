@@ -109,11 +109,9 @@ class Reader(CheckpointReader):
         return meta
 
     def read(self, paths: Sequence[str]) -> dict[str, np.ndarray]:
-        meta = self.metadata()
+        self.check_paths(paths)
         by_file: dict[Path, list[str]] = {}
         for p in paths:
-            if p not in meta:
-                raise CheckpointError(f"{self.path}: no leaf '{p}' (key '{to_key(p)}') in this checkpoint.")
             by_file.setdefault(self._files[p], []).append(p)
         out = {}
         for file, group in by_file.items():

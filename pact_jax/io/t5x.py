@@ -249,12 +249,6 @@ class Reader(CheckpointReader):
             cls = _LegacyReader if layout == LEGACY else _OrbaxReader
         return super().__new__(cls)
 
-    def _unknown(self, paths: Sequence[str]) -> None:
-        meta = self.metadata()
-        for p in paths:
-            if p not in meta:
-                raise CheckpointError(f"{self.path}: no leaf '{p}' in this checkpoint's '{TARGET}'.")
-
 
 # ---- legacy msgpack + TensorStore
 
@@ -429,7 +423,7 @@ class _LegacyReader(Reader):
     ) -> dict[str, Any]:
         import tensorstore as ts
 
-        self._unknown(paths)
+        self.check_paths(paths)
         meta = self.metadata()
         out: dict[str, Any] = {}
         opening = []
@@ -540,7 +534,7 @@ class _OrbaxReader(Reader):
         paths: Sequence[str],
         shardings: Mapping[str, jax.sharding.Sharding] | None = None,
     ) -> dict[str, Any]:
-        self._unknown(paths)
+        self.check_paths(paths)
         if not paths:
             return {}
         meta = self.metadata()
