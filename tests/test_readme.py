@@ -57,3 +57,15 @@ def test_yaml_example_runs(cli_run):
     assert res.returncode == 0, res.stderr[-3000:]
     assert "dare_ties + PACT" in res.stdout
     assert io.detect_format(scratch / "merged_dare_ties.safetensors") == "safetensors"
+
+
+def test_python_blocks_run():
+    blocks = code_blocks("python")
+    assert blocks, "README has no python example"
+    for block in blocks:
+        namespace: dict = {}
+        exec(compile(block, str(README), "exec"), namespace)  # noqa: S102 - our own README
+    params, pretrained = namespace["params"], namespace["pretrained"]
+    import jax
+
+    assert jax.tree_util.tree_structure(params) == jax.tree_util.tree_structure(pretrained)
