@@ -42,6 +42,7 @@ import numpy as np
 import optax
 
 import pact_jax
+from pact_jax import recipes
 from pact_jax.tree import PyTree
 
 __all__ = [
@@ -64,15 +65,9 @@ __all__ = [
     "run_demo",
 ]
 
-# Merger name -> (PACT perspective that fits it, merger function).
-METHODS: dict[str, tuple[str, Callable[..., PyTree]]] = {
-    "task_arithmetic": ("subspace", pact_jax.merges.task_arithmetic),
-    "ties": ("scalar", pact_jax.merges.ties),
-    "tsv": ("subspace", pact_jax.merges.tsv),
-    "iso_c": ("subspace", pact_jax.merges.iso_c),
-    "iso_cts": ("subspace", pact_jax.merges.iso_cts),
-}
-DEFAULT_METHODS: tuple[str, ...] = tuple(METHODS)
+# Mergers the demo can run (recipes of pact_jax.recipes); dare_ties needs a key per alpha sweep.
+METHODS: tuple[str, ...] = tuple(m for m in recipes.METHODS if m not in ("average", "dare_ties"))
+DEFAULT_METHODS: tuple[str, ...] = METHODS
 # Wide enough for every method: Task Arithmetic peaks near 1/T, the
 # normalised mergers (TIES, TSV, Iso) near 1 or above.
 DEFAULT_ALPHAS: tuple[float, ...] = tuple(round(0.1 * i, 1) for i in range(1, 21))
@@ -383,10 +378,8 @@ def _summary(per_task: np.ndarray, finetuned: np.ndarray) -> dict[str, Any]:
 
 
 def make_merge(method: str, with_pact: bool) -> Callable[..., PyTree]:
-    """``chain(...)`` for ``method``, preceded by PACT in the perspective that fits it."""
-    perspective, merger = METHODS[method]
-    steps = [functools.partial(pact_jax.pact, perspective=perspective)] if with_pact else []
-    return pact_jax.chain(*steps, merger)
+    """The library's recipe for ``method``: PACT (in the perspective that fits it) then the merger."""
+    return recipes.make_merge(method, use_pact=with_pact, alpha=1.0)
 
 
 def _evaluate_merge(
@@ -503,7 +496,7 @@ def run_demo(cfg: DemoConfig = DemoConfig(), log: Callable[[str], None] | None =
     w0_norm = float(np.sqrt(sum(float(jnp.sum(jnp.square(x))) for x in jax.tree_util.tree_leaves(pre_enc))))
     # How much PACT takes out of the task vectors, so its effect on accuracy can be read against it.
     pact_removed = {}
-    for perspective in sorted({METHODS[m][0] for m in cfg.methods}):
+    for perspective in sorted({recipes.default_perspective(m) for m in cfg.methods}):
         kept = _task_norms(pact_jax.pact(pre_enc, stacked, perspective=perspective))
         pact_removed[perspective] = [float(1.0 - (k / n) ** 2) for k, n in zip(kept, tv_norms)]
     built = {

@@ -5,9 +5,10 @@ so "ties with PACT" means the same chain everywhere:
 
     merge = pact_jax.recipes.make_merge("iso_cts", use_pact=True, alpha=1.0)
 
-PACT's perspective follows the method (DESIGN §1): the subspace perspective
-for the SVD-based mergers (tsv, iso_c, iso_cts), the scalar-weight
-perspective for the element-wise ones (average, task_arithmetic, ties,
+PACT's perspective follows the method (DESIGN §1a/§1b): the subspace
+perspective for the mergers that act on whole task vectors (tsv, iso_c,
+iso_cts, and task_arithmetic / average, whose sum the subspace view reads as a
+matrix), the scalar-weight perspective for the entry-wise ones (ties,
 dare_ties); ``pact_kwargs={"perspective": ...}`` overrides it.
 """
 
@@ -24,7 +25,7 @@ from pact_jax.pact import pact
 from pact_jax.tree import DEFAULT_RULES, LeafRules
 
 METHODS: tuple[str, ...] = ("average", "task_arithmetic", "ties", "dare_ties", "tsv", "iso_c", "iso_cts")
-SVD_METHODS = frozenset({"tsv", "iso_c", "iso_cts"})
+SCALAR_METHODS = frozenset({"ties", "dare_ties"})
 
 # Used when no alpha is given. Task arithmetic sums T task vectors, so it is
 # scaled down (0.3 is the usual choice for 8 ViT tasks); the others are
@@ -41,7 +42,7 @@ DEFAULT_ALPHA: Mapping[str, float] = {
 
 
 def default_perspective(method: str) -> str:
-    return "subspace" if method in SVD_METHODS else "scalar"
+    return "scalar" if method in SCALAR_METHODS else "subspace"
 
 
 def _keywords(fn: Callable[..., Any]) -> set[str]:
