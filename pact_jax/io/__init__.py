@@ -110,8 +110,7 @@ def open_writer(
     p = Path(path)
     if (p.exists() or p.is_symlink()) and not overwrite:
         raise CheckpointError(f"{p} already exists; refusing to overwrite it (pass --overwrite, or overwrite=True in Python).")
-    if not p.parent.exists():
-        raise CheckpointError(f"{p}: parent directory {p.parent} does not exist.")
+    p.parent.mkdir(parents=True, exist_ok=True)
     fmt = format or detect_format(p)
     return _module(fmt).Writer(p, template, source=source)
 
