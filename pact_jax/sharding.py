@@ -11,18 +11,20 @@ the rest. Two things are placed:
   leaves, ``W0 + alpha * delta``) runs where the entries live.
 * **Shape buckets**: inside the program, :func:`bucket_sharding` constrains
   every stacked bucket ``(L, ...)`` of :mod:`pact_jax.buckets` (``L``
-  same-shape leaves, vmapped) to ``P(layers_axis, ...)``: each device runs the
-  SVDs (TSV-M, Iso-C, Iso-CTS, PACT) or the sorts (TIES, scalar PACT) of its
-  own layers; the task axis of a kernel's task vectors, ``(L, T, m, n)``, goes
-  on ``task_axis``. A matrix is never split inside an SVD (the math needs the
-  whole matrix per layer); uneven ``L`` or ``T`` are padded by XLA.
+  same-shape leaves, vmapped) to ``P(layers_axis, ...)`` (default: all
+  devices): each device runs the SVDs (TSV-M, Iso-C, Iso-CTS, PACT) or the
+  sorts (TIES, scalar PACT) of its own layers. Optionally the task axis of a
+  kernel's task vectors, ``(L, T, m, n)``, goes on ``task_axis`` too (for
+  buckets with fewer layers than devices). A matrix is never split inside an
+  SVD (the math needs the whole matrix per layer); uneven ``L`` or ``T`` are
+  padded by XLA.
 
 Everything else (which collectives, where) is left to the partitioner, so the
 result equals the unsharded merge up to float reassociation (tested).
 
 Typical use (one host, any number of devices)::
 
-    mesh = pact_jax.sharding.make_mesh()               # all devices on "layers"
+    mesh = pact_jax.sharding.make_mesh()               # ("tasks": 1, "layers": n)
     merge = pact_jax.chain(pact_jax.pact, pact_jax.merges.tsv, alpha=0.5)
     smerge = pact_jax.sharding.shard_merge(merge, mesh)
     params = smerge(pretrained, finetuned)             # leaves: NamedSharding
@@ -40,6 +42,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, Sharding
 from jax.sharding import PartitionSpec as P
@@ -92,10 +95,10 @@ def make_mesh(
         run, every process's devices: call :func:`initialize` first).
       shape: mesh shape, one size per axis name, product ``len(devices)``.
         Default: every device on the last axis (``(1, n)``: all on
-        ``"layers"``). Put devices on ``"tasks"`` only when buckets have fewer
-        layers than devices, e.g. ``(2, n // 2)``.
-      axis_names: mesh axis names; :func:`shard_merge` uses ``"layers"`` and
-        ``"tasks"`` by default.
+        ``"layers"``). By default :func:`shard_merge` uses every axis for the
+        layers of a bucket and for parameter leaves, so the shape only
+        matters with ``task_axis="tasks"`` (e.g. ``(2, n // 2)``).
+      axis_names: mesh axis names.
 
     Returns:
       ``jax.sharding.Mesh`` of ``shape`` built by ``jax.make_mesh`` (which
@@ -138,14 +141,15 @@ def _spec_entry(axes: tuple[str, ...]) -> str | tuple[str, ...] | None:
 
 
 def _split_one_dim(shape: Sequence[int], axes: tuple[str, ...], size: int) -> list:
-    """Spec entries for ``shape``: the first dim divisible by ``size`` on ``axes``."""
+    """Spec entries for ``shape``: the first dim divisible by ``size`` on ``axes``
+    (``[]``, i.e. replicated, if none)."""
     entries: list = [None] * len(shape)
     if size > 1:
         for d, n in enumerate(shape):
             if n % size == 0:
                 entries[d] = _spec_entry(axes)
-                break
-    return entries
+                return entries
+    return []
 
 
 def param_shardings(tree: PyTree, mesh: Mesh, *, axes: AxisNames | None = None) -> PyTree:
@@ -155,11 +159,13 @@ def param_shardings(tree: PyTree, mesh: Mesh, *, axes: AxisNames | None = None) 
     dimension divisible by the number of devices on ``axes``, e.g. a Dense
     kernel ``(768, 3072)`` on 8 devices gets ``P(axes, None)`` and a Conv
     kernel ``(3, 3, 64, 128)`` gets ``P(None, None, axes, None)``; leaves with
-    no such dimension (and scalars) are replicated, ``P()``. Splitting the
-    leading possible dimension keeps the row blocks of the matrix view
+    no such dimension (and scalars) are replicated, ``P()``. A split first
+    dimension keeps the row blocks of the matrix view
     ``(prod(shape[:k]), prod(shape[k:]))`` and of the flattened leaf
-    contiguous, so the merge kernels need no reshuffle. This is the layout of the inputs and, by default, of
-    the output of :func:`shard_merge`.
+    contiguous, so those reshapes need no data movement (a later split
+    dimension may make XLA gather the leaf for them; see docs/sharding.md).
+    This is the layout of the inputs and, by default, of the output of
+    :func:`shard_merge`.
 
     Args:
       tree: parameter pytree (arrays, or anything with ``.shape``, e.g.
@@ -247,24 +253,39 @@ def shard(tree: PyTree, shardings: PyTree | Sharding) -> PyTree:
 # Shape buckets
 
 
+def _bucket_axes(mesh: Mesh, layers_axis: AxisNames | None, task_axis: AxisNames | None):
+    """Validated spec entries ``(layers, tasks)`` of :func:`bucket_sharding`."""
+    tasks = _axes(mesh, task_axis, "task_axis")
+    if layers_axis is None:
+        layers = tuple(a for a in mesh.axis_names if a not in tasks)
+    else:
+        layers = _axes(mesh, layers_axis, "layers_axis")
+    if set(layers) & set(tasks):
+        raise ValueError(f"layers_axis {layers} and task_axis {tasks} overlap.")
+    if not layers:
+        raise ValueError("no mesh axis is left for the layers of a bucket (layers_axis).")
+    return _spec_entry(layers), _spec_entry(tasks)
+
+
 @contextlib.contextmanager
 def bucket_sharding(
     mesh: Mesh,
     *,
-    layers_axis: AxisNames | None = LAYERS,
-    task_axis: AxisNames | None = TASKS,
+    layers_axis: AxisNames | None = None,
+    task_axis: AxisNames | None = None,
 ) -> Iterator[None]:
     """Spreads the shape buckets of every merger/transform across devices.
 
     Within this context, each bucket of ``L`` same-shape leaves that
     :func:`pact_jax.buckets.run_bucketed` stacks, ``(L, ...)``, is constrained
     with ``jax.lax.with_sharding_constraint`` to
-    ``NamedSharding(mesh, P(layers_axis, U, ...))``, and a kernel's task
-    vectors ``(L, T, ...)`` to ``P(layers_axis, task_axis, U, ...)``
-    (``U`` = ``P.UNCONSTRAINED``: left to the partitioner); the kernel
-    outputs ``(L, ...)`` to ``P(layers_axis, U, ...)``. So device ``d`` runs
-    the vmapped kernel (SVDs, sorts) on its slice of layers (and tasks). ``L``
-    and ``T`` need not divide the axis sizes (XLA pads).
+    ``NamedSharding(mesh, P(layers_axis, U, ...))`` (``U`` =
+    ``P.UNCONSTRAINED``: left to the partitioner), and, if ``task_axis`` is
+    given, a kernel's task vectors ``(L, T, ...)`` to
+    ``P(layers_axis, task_axis, U, ...)``; the kernel outputs ``(L, ...)`` to
+    ``P(layers_axis, U, ...)``. So each device runs the vmapped kernel (SVDs,
+    sorts) on its slice of layers (and tasks). ``L`` and ``T`` need not
+    divide the axis sizes (XLA pads).
 
     Enter it *inside* the function you ``jax.jit`` (the constraints are
     recorded while tracing; ``jit`` caches traces without seeing this context)::
@@ -276,15 +297,17 @@ def bucket_sharding(
 
     Args:
       mesh: the device mesh.
-      layers_axis: mesh axis (or axes) for the leading bucket axis ``L``.
-      task_axis: mesh axis (or axes) for the task axis ``T``, or ``None``.
+      layers_axis: mesh axis (or axes) for the leading bucket axis ``L``;
+        default: every mesh axis not in ``task_axis``.
+      task_axis: mesh axis (or axes) for the task axis ``T``; default
+        ``None``: left to the partitioner. Splitting ``T`` helps only when
+        buckets hold fewer layers than there are devices; XLA then moves a
+        bucket from the parameter layout by all-gather (it logs "Involuntary
+        full rematerialization"), i.e. a transient full copy of the bucket
+        per device.
     """
     mesh = _auto(mesh)
-    layers = _axes(mesh, layers_axis, "layers_axis")
-    tasks = _axes(mesh, task_axis, "task_axis")
-    if set(layers) & set(tasks):
-        raise ValueError(f"layers_axis {layers} and task_axis {tasks} overlap.")
-    lead, second = _spec_entry(layers), _spec_entry(tasks)
+    lead, second = _bucket_axes(mesh, layers_axis, task_axis)
 
     def place(x: Any, has_task_axis: bool) -> Any:
         rest = [P.UNCONSTRAINED] * (x.ndim - 1)
@@ -298,6 +321,17 @@ def bucket_sharding(
 
 # --------------------------------------------------------------------------
 # Sharded merge
+
+
+@jax.jit
+def _all_finite(trees: PyTree) -> jax.Array:
+    """One program (one host sync) checking every floating leaf for NaN/Inf."""
+    flags = [
+        jnp.isfinite(x).all()
+        for x in jax.tree_util.tree_leaves(trees)
+        if jnp.issubdtype(x.dtype, jnp.inexact)
+    ]
+    return jnp.stack(flags).all() if flags else jnp.asarray(True)
 
 
 def _same_mesh(a: Mesh, b: Mesh) -> bool:
@@ -322,8 +356,8 @@ def shard_merge(
     merge: Callable[..., PyTree],
     mesh: Mesh,
     *,
-    layers_axis: AxisNames | None = LAYERS,
-    task_axis: AxisNames | None = TASKS,
+    layers_axis: AxisNames | None = None,
+    task_axis: AxisNames | None = None,
     param_axes: AxisNames | None = None,
     out_shardings: PyTree | Sharding | None = None,
     check_inputs: bool = True,
@@ -340,14 +374,16 @@ def shard_merge(
        ``jax.Array`` with a ``NamedSharding`` over this mesh keeps its spec),
        ``key`` and ``kwargs`` (e.g. ``alpha``) replicated, via :func:`shard`
        (works across hosts);
-    2. checks the inputs for NaN/Inf (``check_inputs``; ``jit`` cannot);
+    2. checks the inputs for NaN/Inf in one small program (``check_inputs``;
+       the merge itself, under ``jit``, cannot);
     3. calls ``jax.jit(merge, in_shardings=..., out_shardings=...)`` with the
        buckets under :func:`bucket_sharding` (``layers_axis``, ``task_axis``).
 
     Args:
       merge: the merge function.
       mesh: device mesh (``Explicit`` axes are treated as ``Auto``).
-      layers_axis, task_axis: see :func:`bucket_sharding`.
+      layers_axis, task_axis: see :func:`bucket_sharding` (default: a
+        bucket's layers over all devices, tasks left to the partitioner).
       param_axes: mesh axes that split parameter leaves; default all.
       out_shardings: ``None``: the output leaves get the shardings of the
         placed ``pretrained`` leaves (``merge`` must return a tree shaped like
@@ -359,11 +395,12 @@ def shard_merge(
       ``smerge(pretrained, finetuned, *, key=None, **kwargs)``: the merged
       pytree as global ``jax.Array`` leaves carrying ``out_shardings``.
       Compiles once per input structure/shapes/shardings.
+      ``smerge.lower(...)`` (same arguments) gives the ``jax.stages.Lowered``
+      program, ``smerge.mesh`` the mesh.
     """
     mesh = _auto(mesh)
     bucket_kw = dict(layers_axis=layers_axis, task_axis=task_axis)
-    with bucket_sharding(mesh, **bucket_kw):  # validates the axis names now
-        pass
+    _bucket_axes(mesh, layers_axis, task_axis)  # fail early on bad axis names
     _axes(mesh, param_axes, "param_axes")
     replicated = NamedSharding(mesh, P())
     compiled: dict[Any, Callable[..., PyTree]] = {}
@@ -372,7 +409,7 @@ def shard_merge(
         with bucket_sharding(mesh, **bucket_kw):
             return merge(pretrained, finetuned, key=key, **kwargs)
 
-    def smerge(pretrained: PyTree, finetuned: Sequence[PyTree], *, key: jax.Array | None = None, **kwargs: Any) -> PyTree:
+    def prepare(pretrained, finetuned, key, kwargs):
         if isinstance(finetuned, dict) or not isinstance(finetuned, Sequence) or isinstance(finetuned, str):
             raise PactInputError("finetuned must be a sequence (list or tuple) of parameter pytrees, one per task.")
         finetuned = list(finetuned)
@@ -381,12 +418,15 @@ def shard_merge(
         default = param_shardings(pretrained, mesh, axes=param_axes)
         p_sh = _input_shardings(pretrained, default, mesh)
         ft_sh = [_input_shardings(ft, default, mesh) for ft in finetuned]
-        args = (pretrained, finetuned, key, kwargs)
-        in_sh = (p_sh, ft_sh, jax.tree_util.tree_map(lambda _: replicated, key),
-                 jax.tree_util.tree_map(lambda _: replicated, kwargs))
-        args = shard(args, in_sh)
-        if check_inputs:
-            check_finite(args[0], "pretrained")
+        in_sh = (
+            p_sh,
+            ft_sh,
+            jax.tree_util.tree_map(lambda _: replicated, key),
+            jax.tree_util.tree_map(lambda _: replicated, kwargs),
+        )
+        args = shard((pretrained, finetuned, key, kwargs), in_sh)
+        if check_inputs and not bool(_all_finite((args[0], args[1]))):
+            check_finite(args[0], "pretrained")  # raises, naming the leaf
             for i, ft in enumerate(args[1]):
                 check_finite(ft, f"finetuned[{i}]")
         out_sh = p_sh if out_shardings is None else out_shardings
@@ -395,9 +435,24 @@ def shard_merge(
         cache_key = (in_def, tuple(flat_in), out_def, tuple(flat_out))
         if cache_key not in compiled:
             compiled[cache_key] = jax.jit(body, in_shardings=in_sh, out_shardings=out_sh)
-        return compiled[cache_key](*args)
+        return compiled[cache_key], args
+
+    def smerge(
+        pretrained: PyTree, finetuned: Sequence[PyTree], *, key: jax.Array | None = None, **kwargs: Any
+    ) -> PyTree:
+        jitted, args = prepare(pretrained, finetuned, key, kwargs)
+        return jitted(*args)
+
+    def lower(
+        pretrained: PyTree, finetuned: Sequence[PyTree], *, key: jax.Array | None = None, **kwargs: Any
+    ) -> jax.stages.Lowered:
+        """``jax.stages.Lowered`` of the sharded program (``.compile().as_text()``,
+        ``.compile().memory_analysis()``), for the same arguments as ``smerge``."""
+        jitted, args = prepare(pretrained, finetuned, key, kwargs)
+        return jitted.lower(*args)
 
     smerge.__doc__ = f"{merge.__doc__ or 'merge'} Sharded over {dict(mesh.shape)} (pact_jax.sharding.shard_merge)."
+    smerge.lower = lower  # type: ignore[attr-defined]
     smerge.mesh = mesh  # type: ignore[attr-defined]
     return smerge
 

@@ -2,6 +2,20 @@
 
 from __future__ import annotations
 
+import os
+
+# Eight virtual CPU devices for tests/test_sharding.py. XLA reads the flag when
+# the CPU backend starts (first computation), so it is set before any test runs
+# JAX; arrays of the other tests stay on one device, unaffected.
+_DEVICE_FLAG = "--xla_force_host_platform_device_count"
+if _DEVICE_FLAG not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_DEVICE_FLAG}=8".strip()
+# jaxlib 0.10's batched LAPACK kernels (SVD, ...) wait for sub-tasks on the CPU
+# client's thread pool, whose size defaults to max(cores, devices): when every
+# virtual device runs one at once, the pool deadlocks. A pool larger than the
+# device count avoids it (see docs/sharding.md).
+os.environ.setdefault("PJRT_NPROC", str(8 + (os.cpu_count() or 1)))
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
