@@ -269,11 +269,13 @@ class LeafRules:
         ``r"embedding|pos_emb"`` for embeddings.
       freeze: leaves kept at the pre-trained value (delta = 0).
       row_axes: ``((regex, k), ...)``: for a matching leaf of shape ``s`` the
-        matrix view is ``(prod(s[:k]), prod(s[k:]))``. The first match wins;
-        without one, Dense ``(in, out)`` and DenseGeneral ``(d, heads, head_dim)``
+        matrix view is ``(prod(s[:k]), prod(s[k:]))``. An entry applies only
+        to leaves with more than ``k`` dimensions; the first that applies
+        wins; without one, Dense ``(in, out)`` and DenseGeneral ``(d, heads, head_dim)``
         use ``k = 1`` and Conv ``(kh, kw, cin, cout)`` uses ``k = ndim - 1``.
         The default entry maps Flax attention output kernels
-        ``(heads, head_dim, d)`` to ``(heads*head_dim, d)``.
+        ``(heads, head_dim, d)`` to ``(heads*head_dim, d)`` and leaves a 2-D
+        ``out/kernel`` (T5X's ``(d, d)``) as it is.
     """
 
     matrix: str = r".*"
@@ -300,7 +302,7 @@ class LeafRules:
         """``(m, n)`` view of a leaf of shape ``shape`` (at least 2-D)."""
         k = _default_row_axes(len(shape))
         for pattern, rows in self.row_axes:
-            if re.search(pattern, path):
+            if rows < len(shape) and re.search(pattern, path):
                 k = rows
                 break
         if not 1 <= k < len(shape):

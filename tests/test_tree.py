@@ -133,5 +133,9 @@ def test_matrix_views():
     assert rules.matrix_shape("conv/kernel", (3, 3, 4, 8)) == (36, 8)
     custom = LeafRules(row_axes=((r"special", 2),))
     assert custom.matrix_shape("special/kernel", (2, 3, 4, 5)) == (6, 20)
+    # An entry applies only to leaves with more than k dims: T5X's 2-D attention
+    # output kernel keeps its (d, d) view under the default (Flax 3-D) entry.
+    assert rules.matrix_shape("encoder/layers_0/attention/out/kernel", (768, 768)) == (768, 768)
+    assert LeafRules(row_axes=((r".*", 2),)).matrix_shape("dense/kernel", (4, 5)) == (4, 5)
     with pytest.raises(PactInputError, match="row_axes"):
-        LeafRules(row_axes=((r".*", 2),)).matrix_shape("dense/kernel", (4, 5))
+        LeafRules(row_axes=((r".*", 0),)).matrix_shape("dense/kernel", (4, 5))
