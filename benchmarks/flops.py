@@ -1,0 +1,96 @@
+"""Nominal floating-point work of the benchmarked merges (SVD + matmul only).
+
+Conventions (one multiply-add = 2 flops), for a matrix ``(m, n)`` with
+``p = min(m, n)``, ``q = max(m, n)``:
+
+* matmul ``(a, b) @ (b, c)``: ``2 a b c``;
+* thin SVD with ``U`` and ``V`` (LAPACK gesdd): ``6 q p^2 + 20 p^3``, the
+  R-SVD count of Golub & Van Loan (Matrix Computations, 4th ed., §8.6);
+* thin Householder QR with ``Q`` formed (``m >= n``): ``4 m n^2 - 4 n^3 / 3``;
+* element-wise work (TIES, PACT's scalar perspective, subtractions, the
+  k-th-largest bisection) is not counted: those recipes have no SVD/matmul
+  GFLOP/s.
+
+The counts follow pact_jax's algorithm (``pact_jax.pact`` docstring, steps
+1-5; ``pact_jax.merges``), e.g. the exact path takes full thin SVDs and then
+truncates, and with ``exclude_self`` builds one span basis per receiving task
+from ``T k'`` columns (the own task's columns zeroed). The NumPy / PyTorch
+loops do the same work up to those zero columns; achieved GFLOP/s of every
+implementation is this one nominal count divided by its time.
+"""
+
+from __future__ import annotations
+
+from benchmarks.baselines import Recipe, iso_cts_split, resolve_rank, tsv_rank
+from benchmarks.models import ModelSpec, matrix_views
+
+
+def matmul(a: int, b: int, c: int) -> float:
+    return 2.0 * a * b * c
+
+
+def svd(m: int, n: int) -> float:
+    p, q = min(m, n), max(m, n)
+    return 6.0 * q * p * p + 20.0 * p**3
+
+
+def qr(m: int, n: int) -> float:
+    m, n = max(m, n), min(m, n)
+    return 4.0 * m * n * n - 4.0 * n**3 / 3.0
+
+
+def polar(m: int, c: int) -> float:
+    """``P Q^T`` from the thin SVD of ``(m, c)``."""
+    return svd(m, c) + matmul(m, min(m, c), c)
+
+
+def truncated_svd(m: int, n: int, rank: int, method: str, oversample: int, power_iters: int) -> float:
+    if method == "exact":
+        return svd(m, n)
+    width = min(rank + oversample, m, n)
+    work = matmul(m, n, width) + qr(m, width)
+    work += power_iters * (2 * matmul(m, n, width) + qr(n, width) + qr(m, width))
+    return work + matmul(width, m, n) + svd(width, n) + matmul(m, width, width)
+
+
+def pact_subspace(m: int, n: int, t: int, p: dict, method: str) -> float:
+    """PACT subspace perspective, ``side='left'``, on one ``(m, n)`` matrix with ``T = t``."""
+    k = resolve_rank(p["pretrained_rank"], m, n)
+    r = resolve_rank(p["task_rank"], m, n)
+    kk = min(m, k)
+    opts = (p["oversample"], p["power_iters"])
+    work = truncated_svd(m, n, k, method, *opts) + t * truncated_svd(m, n, r, method, *opts)
+    work += t * (matmul(r, m, kk) + matmul(m, r, kk) + svd(m, kk))
+    bases = t if p["exclude_self"] else 1
+    cols = t * kk
+    work += bases * svd(m, cols)
+    c = min(m, cols)
+    return work + t * (matmul(c, m, n) + matmul(m, c, n))
+
+
+def tsv(m: int, n: int, t: int) -> float:
+    c = t * tsv_rank(m, n, t)
+    return t * svd(m, n) + polar(m, c) + polar(n, c) + matmul(m, c, n)
+
+
+def iso_cts(m: int, n: int, t: int, common_fraction: float) -> float:
+    common, per_task = iso_cts_split(m, n, t, common_fraction)
+    work = svd(m, n)
+    if per_task > 0:
+        work += t * (matmul(common, m, n) + matmul(m, common, n) + svd(m, n))
+    c = common + t * per_task
+    return work + polar(m, c) + polar(n, c) + matmul(m, c, n)
+
+
+def merge_flops(spec: ModelSpec, tasks: int, recipe: Recipe, method: str) -> float:
+    """Nominal SVD + matmul flops of one merge of ``tasks`` checkpoints of ``spec`` (0 for TIES)."""
+    if not recipe.uses_svd:
+        return 0.0
+    total = 0.0
+    for _, m, n in matrix_views(spec):
+        total += pact_subspace(m, n, tasks, recipe.pact, method)
+        if recipe.method == "tsv":
+            total += tsv(m, n, tasks)
+        else:
+            total += iso_cts(m, n, tasks, recipe.merger["common_fraction"])
+    return total
