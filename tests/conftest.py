@@ -13,8 +13,12 @@ if _DEVICE_FLAG not in os.environ.get("XLA_FLAGS", ""):
 # jaxlib 0.10's batched LAPACK kernels (SVD, ...) wait for sub-tasks on the CPU
 # client's thread pool, whose size defaults to max(cores, devices): when every
 # virtual device runs one at once, the pool deadlocks. A pool larger than the
-# device count avoids it (see docs/sharding.md).
+# device count avoids it. Those sub-tasks each call LAPACK, whose multithreaded
+# OpenBLAS then oversubscribes the cores (10x-200x slower merges measured on
+# 2 cores): one BLAS thread per call. Both are read when first used, so setting
+# them here works even if jax is already imported. See docs/sharding.md.
 os.environ.setdefault("PJRT_NPROC", str(8 + (os.cpu_count() or 1)))
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import flax.linen as nn
 import jax
