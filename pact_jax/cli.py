@@ -45,6 +45,7 @@ _CONFIG_KEYS = {
     "pact_args": dict,
     "rules": dict,
     "progress": bool,
+    "mesh": str,
 }
 _RULE_KEYS = ("matrix", "not_matrix", "average", "freeze")
 
@@ -93,6 +94,9 @@ def _parser() -> argparse.ArgumentParser:
         m.add_argument(f"--{rule.replace('_', '-')}", dest=f"rule_{rule}", metavar="REGEX",
                        help=f"leaf rule: paths matching REGEX are '{rule}' (see LeafRules)")  # fmt: skip
     m.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None, help="progress bar (default on)")
+    m.add_argument("--mesh", metavar="auto|TxL",
+                   help="run each group's merge sharded over a device mesh: 'auto' (all devices on the layers "
+                        "axis) or TASKSxLAYERS, e.g. 2x4 (default: one device)")  # fmt: skip
 
     i = sub.add_parser("inspect", help="show a checkpoint's tree, and task-vector / PACT statistics")
     i.add_argument("checkpoint", help="checkpoint to inspect (fine-tuned, if --pretrained is given)")
@@ -147,7 +151,7 @@ def merge_settings(args: argparse.Namespace) -> dict[str, Any]:
     """Config file, then flags on top; checks what is required."""
     cfg = _load_config(args.config) if args.config else {}
     for k in ("pretrained", "finetuned", "method", "pact", "alpha", "svd", "seed", "output", "format",
-              "output_format", "overwrite", "budget_mib", "progress"):  # fmt: skip
+              "output_format", "overwrite", "budget_mib", "progress", "mesh"):  # fmt: skip
         v = getattr(args, k)
         if v is not None:
             cfg[k] = v
@@ -197,6 +201,8 @@ def run_merge(cfg: dict[str, Any]) -> int:
         raise UsageError(str(e)) from e
     if cfg["pact_args"] and not use_pact:
         raise UsageError(f"PACT hyperparameters {sorted(cfg['pact_args'])} given, but PACT is off (add --pact).")
+    if cfg.get("mesh"):
+        merge = _sharded(merge, cfg["mesh"])
     key = jax.random.key(cfg.get("seed", 0))
     budget = cfg.get("budget_mib")
     progress = cfg.get("progress", True)
@@ -216,6 +222,26 @@ def run_merge(cfg: dict[str, Any]) -> int:
     what = f"{cfg['method']}{' + PACT' if use_pact else ''}, alpha {alpha}"
     print(f"{what}\n{report.summary()}")
     return 0
+
+
+def _sharded(merge, spec: str):
+    """``merge`` run by :func:`pact_jax.sharding.shard_merge` over the mesh ``spec`` names."""
+    from pact_jax import sharding
+
+    if spec == "auto":
+        shape = None
+    else:
+        try:
+            shape = tuple(int(x) for x in spec.lower().split("x"))
+        except ValueError:
+            shape = ()
+        if len(shape) != 2 or min(shape) < 1:
+            raise UsageError(f"--mesh must be 'auto' or TASKSxLAYERS such as 2x4, got {spec!r}")
+    try:
+        mesh = sharding.make_mesh(shape=shape)
+    except ValueError as e:
+        raise UsageError(f"--mesh {spec}: {e}") from e
+    return sharding.shard_merge(merge, mesh)
 
 
 # --------------------------------------------------------------------------

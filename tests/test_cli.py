@@ -153,3 +153,17 @@ def test_console_script_runs(tmp_path, tiny_checkpoints):
     assert "868 parameters" in res.stdout
     res = subprocess.run([sys.executable, "-m", "pact_jax.cli", "merge"], capture_output=True, text=True, timeout=120)
     assert res.returncode == 2
+
+
+def test_merge_on_a_device_mesh_equals_single_device(tmp_path, capsys, tiny_checkpoints):
+    import jax as _jax
+
+    pre_dir, ft_dirs, *_ = tiny_checkpoints
+    base = ["--method", "tsv", "--pact"]
+    assert run(capsys, *merge_args(pre_dir, ft_dirs, tmp_path / "plain", *base))[0] == 0
+    mesh = "auto" if len(_jax.devices()) == 1 else f"2x{len(_jax.devices()) // 2}"
+    code, _, err = run(capsys, *merge_args(pre_dir, ft_dirs, tmp_path / "sharded", *base, "--mesh", mesh))
+    assert code == 0, err
+    assert_params_close(io.load(tmp_path / "sharded"), io.load(tmp_path / "plain"))
+    code, _, err = run(capsys, *merge_args(pre_dir, ft_dirs, tmp_path / "bad", *base, "--mesh", "3by"))
+    assert code == 2 and "--mesh must be" in err
