@@ -194,18 +194,25 @@ def np_polar(x, conds):
     """Orthogonal polar factor; appends ``s_min / s_max`` of ``x`` to ``conds``."""
     p, s, qt = np.linalg.svd(x, full_matrices=False)
     conds.append(float(s[-1] / s[0]) if s[0] > 0 else 0.0)
-    return p @ qt
+    return (p * np_significant(s, s[0], max(x.shape))) @ qt  # partial isometry if rank-deficient
+
+
+def np_significant(s, scale, size):
+    """Singular values above rounding level (the merges drop null-space directions)."""
+    return s > size * np.finfo(s.dtype).eps * scale
 
 
 def np_tsv(tau, conds):
     n_tasks, m, n = tau.shape
     rank = tsv_rank(m, n, n_tasks)
     us, ss, vs = [], [], []
-    for t in range(n_tasks):
-        u, s, vh = np.linalg.svd(tau[t], full_matrices=False)
-        us.append(u[:, :rank])
+    svds = [np.linalg.svd(tau[t], full_matrices=False) for t in range(n_tasks)]
+    scale = max(s[0] for _, s, _ in svds)
+    for u, s, vh in svds:
+        keep = np_significant(s[:rank], scale, max(m, n))
+        us.append(u[:, :rank] * keep)
         ss.append(s[:rank])
-        vs.append(vh[:rank].T)
+        vs.append(vh[:rank].T * keep)
     u, v = np_polar(np.concatenate(us, axis=1), conds), np_polar(np.concatenate(vs, axis=1), conds)
     return (u * np.concatenate(ss)) @ v.T
 
@@ -214,13 +221,15 @@ def np_iso_cts(tau, common_fraction, conds):
     n_tasks, m, n = tau.shape
     common, per_task = iso_cts_split(m, n, n_tasks, common_fraction)
     u, s, vh = np.linalg.svd(tau.sum(0), full_matrices=False)
-    us, ss, vs = [u[:, :common]], [s[:common]], [vh[:common].T]
-    uk = u[:, :common]
+    keep = np_significant(s[:common], s[0], max(m, n))
+    uk = u[:, :common][:, keep]
+    us, ss, vs = [uk], [s[:common][keep]], [vh[:common].T[:, keep]]
     for t in range(n_tasks if per_task > 0 else 0):
         ut, st, vht = np.linalg.svd(tau[t] - uk @ (uk.T @ tau[t]), full_matrices=False)
-        us.append(ut[:, :per_task])
-        ss.append(st[:per_task])
-        vs.append(vht[:per_task].T)
+        keep = np_significant(st[:per_task], s[0], max(m, n))
+        us.append(ut[:, :per_task][:, keep])
+        ss.append(st[:per_task][keep])
+        vs.append(vht[:per_task].T[:, keep])
     u_all, v_all = np_polar(np.concatenate(us, axis=1), conds), np_polar(np.concatenate(vs, axis=1), conds)
     return np.concatenate(ss).mean() * (u_all @ v_all.T)
 
@@ -346,7 +355,14 @@ def torch_polar(x, conds):
 
     p, s, qt = torch.linalg.svd(x, full_matrices=False)
     conds.append(float(s[-1] / s[0]) if s[0] > 0 else 0.0)
-    return p @ qt
+    return (p * torch_significant(s, s[0], max(x.shape))) @ qt  # partial isometry if rank-deficient
+
+
+def torch_significant(s, scale, size):
+    """Singular values above rounding level (the merges drop null-space directions)."""
+    import torch
+
+    return s > size * torch.finfo(s.dtype).eps * scale
 
 
 def torch_tsv(tau, conds):
@@ -355,11 +371,13 @@ def torch_tsv(tau, conds):
     n_tasks, m, n = tau.shape
     rank = tsv_rank(m, n, n_tasks)
     us, ss, vs = [], [], []
-    for t in range(n_tasks):
-        u, s, vh = torch.linalg.svd(tau[t], full_matrices=False)
-        us.append(u[:, :rank])
+    svds = [torch.linalg.svd(tau[t], full_matrices=False) for t in range(n_tasks)]
+    scale = max(float(s[0]) for _, s, _ in svds)
+    for u, s, vh in svds:
+        keep = torch_significant(s[:rank], scale, max(m, n))
+        us.append(u[:, :rank] * keep)
         ss.append(s[:rank])
-        vs.append(vh[:rank].T)
+        vs.append(vh[:rank].T * keep)
     u, v = torch_polar(torch.cat(us, dim=1), conds), torch_polar(torch.cat(vs, dim=1), conds)
     return (u * torch.cat(ss)) @ v.T
 
@@ -370,13 +388,15 @@ def torch_iso_cts(tau, common_fraction, conds):
     n_tasks, m, n = tau.shape
     common, per_task = iso_cts_split(m, n, n_tasks, common_fraction)
     u, s, vh = torch.linalg.svd(tau.sum(0), full_matrices=False)
-    us, ss, vs = [u[:, :common]], [s[:common]], [vh[:common].T]
-    uk = u[:, :common]
+    keep = torch_significant(s[:common], s[0], max(m, n))
+    uk = u[:, :common][:, keep]
+    us, ss, vs = [uk], [s[:common][keep]], [vh[:common].T[:, keep]]
     for t in range(n_tasks if per_task > 0 else 0):
         ut, st, vht = torch.linalg.svd(tau[t] - uk @ (uk.T @ tau[t]), full_matrices=False)
-        us.append(ut[:, :per_task])
-        ss.append(st[:per_task])
-        vs.append(vht[:per_task].T)
+        keep = torch_significant(st[:per_task], s[0], max(m, n))
+        us.append(ut[:, :per_task][:, keep])
+        ss.append(st[:per_task][keep])
+        vs.append(vht[:per_task].T[:, keep])
     u_all, v_all = torch_polar(torch.cat(us, dim=1), conds), torch_polar(torch.cat(vs, dim=1), conds)
     return torch.cat(ss).mean() * (u_all @ v_all.T)
 

@@ -32,11 +32,14 @@ agreement: the largest per-leaf ``||merged_impl - merged_pact_jax||_F /
 
 Agreement tolerances (exact SVD): TIES 1e-5; TSV-M / Iso-CTS 5e-3. A matrix
 leaf whose polar factor (TSV-M / Iso-CTS orthogonalisation) is taken of a
-numerically rank-deficient matrix (``s_min / s_max < 1e-4`` in the baseline) has
-no unique merged value: it is counted as ill-posed and reported apart. That
-happens whenever PACT removes the same subspace from every task vector and the
-concatenated bases fill ``min(m, n)`` columns (Iso-CTS always; TSV-M when
-``T`` divides ``min(m, n)``). Randomized rows differ by the sketches as well
+numerically rank-deficient matrix (``s_min / s_max < 1e-4`` in the baseline) is
+reported apart as "rank-deficient". That happens whenever PACT removes the
+same subspace from every task vector and the concatenated bases fill
+``min(m, n)`` columns (Iso-CTS always; TSV-M when ``T`` divides ``min(m, n)``).
+A full polar factor is then decided by rounding; all three implementations
+drop the null-space triplets (:func:`pact_jax.linalg.significant`) and take
+the partial isometry, which is unique, so these leaves must agree too.
+Randomized rows differ by the sketches as well
 (each library draws its own), so their agreement is informational.
 
 Writes ``speed.md``, ``speed.json``, ``speed_scaling_T.png`` and
@@ -498,7 +501,7 @@ def _rows(results: list[dict], peak: float) -> list[str]:
     by_cell = {(r["id"], r["impl"]): r for r in results}
     head = (
         "| section | model | T | recipe | SVD | impl | compile s | steady s (runs) | baseline / pact_jax | "
-        "GFLOP | GFLOP/s | % peak | RSS Δ MiB | RSS Δ / stacked τ | max rel err | ill-posed leaves (max err) |"
+        "GFLOP | GFLOP/s | % peak | RSS Δ MiB | RSS Δ / stacked τ | max rel err | rank-deficient leaves (max err) |"
     )
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in results:
@@ -612,7 +615,7 @@ def write_report(out: Path, results, failures, skipped, peaks, argv, wall_s) -> 
         "(`benchmarks/flops.py`; TIES is element-wise: '-'). RSS Δ: peak RSS during the runs minus the RSS "
         "before them (inputs loaded). Agreement vs pact_jax: max over well-posed leaves of "
         "||x - x_pact_jax||_F / ||x - W0||_F (tolerance TIES 1e-5, TSV-M / Iso-CTS 5e-3; checked for exact SVD "
-        "only); ill-posed leaves: polar factor of a numerically rank-deficient matrix (see the module docstring).",
+        "only); rank-deficient leaves: polar factor of a numerically rank-deficient matrix, null-space triplets dropped (see the module docstring).",
         "",
         *_rows(results, peak),
         "",

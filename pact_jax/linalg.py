@@ -112,14 +112,40 @@ def truncated_svd(
     raise ValueError(f"svd must be 'exact' or 'randomized', got {method!r}.")
 
 
-def polar(x: jax.Array) -> jax.Array:
-    """Orthogonal polar factor: for ``x = P S Q^T`` (thin SVD) returns ``P Q^T``.
+def polar(x: jax.Array, rtol: float | None = None) -> jax.Array:
+    """Orthogonal polar factor of ``x (..., m, c) -> (..., m, c)``.
 
-    The closest matrix with orthonormal columns (rows, if wide) to ``x`` in
-    Frobenius norm. ``x (..., m, c) -> (..., m, c)``.
+    For the thin SVD ``x = P S Q^T`` returns ``P_+ Q_+^T``, where ``+`` keeps
+    the singular triplets with ``s > rtol * s_max``. For full-rank ``x`` this
+    is ``P Q^T``, the closest matrix with orthonormal columns (rows, if wide)
+    in Frobenius norm. For rank-deficient ``x`` the full polar factor is not
+    unique (rounding would pick the directions of the zero singular values),
+    so we return the unique partial isometry onto ``x``'s range instead:
+    TSV-M / Iso-CTS concatenations become rank-deficient when PACT removes the
+    same subspace from every task vector.
+
+    Args:
+      x: ``(..., m, c)``.
+      rtol: relative cut-off; ``None`` is ``max(m, c) * eps`` of the compute
+        dtype (NumPy's ``matrix_rank`` default).
     """
-    p, _, qt = jnp.linalg.svd(x.astype(_compute_dtype(x)), full_matrices=False)
-    return p @ qt
+    x = x.astype(_compute_dtype(x))
+    p, s, qt = jnp.linalg.svd(x, full_matrices=False)
+    keep = (
+        significant(s, s[..., :1], max(x.shape[-2:])) if rtol is None else s > rtol * s[..., :1]
+    )
+    return (p * keep[..., None, :].astype(p.dtype)) @ qt
+
+
+def significant(s: jax.Array, scale: jax.Array, size: int) -> jax.Array:
+    """Mask of singular values ``s`` above rounding level: ``s > size * eps * scale``.
+
+    ``scale`` is the largest singular value of the matrix (or family of
+    matrices) ``s`` comes from, ``size`` its largest dimension; the cut-off is
+    NumPy's ``matrix_rank`` default. Directions below it are numerically in the
+    null space, so their singular vectors are arbitrary and mergers drop them.
+    """
+    return s > size * float(jnp.finfo(s.dtype).eps) * scale
 
 
 def span_basis(x: jax.Array, tol: float) -> tuple[jax.Array, jax.Array]:

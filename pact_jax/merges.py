@@ -188,11 +188,14 @@ def _tsv_kernel(tau: jax.Array) -> jax.Array:
 
     ``tau_t ~= U_t S_t V_t^T`` (top ``rank = tsv_rank(m, n, T)``); ``U = [U_1 .. U_T]``,
     ``V = [V_1 .. V_T]``, ``S = diag(S_1 .. S_T)``;
-    ``delta = polar(U) S polar(V)^T``.
+    ``delta = polar(U) S polar(V)^T``. Triplets with ``s`` at rounding level
+    (:func:`pact_jax.linalg.significant`, scale ``max_t s_t,1``) are dropped.
     """
     t, m, n = tau.shape
     rank = tsv_rank(m, n, t)
     u, s, vh = linalg.exact_svd(tau, rank)
+    keep = linalg.significant(s, s.max(), max(m, n)).astype(u.dtype)  # (T, rank)
+    u, vh = u * keep[:, None, :], vh * keep[:, :, None]
     u_cat = jnp.moveaxis(u, 0, 1).reshape(m, t * rank)
     v_cat = jnp.moveaxis(jnp.swapaxes(vh, 1, 2), 0, 1).reshape(n, t * rank)
     s_cat = s.reshape(t * rank)
@@ -211,9 +214,20 @@ def tsv(stacked: PyTree, *, rules: LeafRules = DEFAULT_RULES) -> PyTree:
 
 
 def _iso_c_kernel(tau: jax.Array) -> jax.Array:
-    """Iso-C on one matrix: ``sum_t tau_t = U S V^T -> mean(S) U V^T``."""
+    """Iso-C on one matrix: ``sum_t tau_t = U S V^T -> mean(S) U V^T``.
+
+    Over the significant triplets only (:func:`pact_jax.linalg.significant`):
+    for a rank-deficient sum the null-space singular vectors are arbitrary.
+    """
+    _, m, n = tau.shape
     u, s, vh = linalg.exact_svd(tau.sum(0))
-    return s.mean() * (u @ vh)
+    keep = linalg.significant(s, s[0], max(m, n)).astype(u.dtype)
+    return _masked_mean(s, keep) * ((u * keep) @ vh)
+
+
+def _masked_mean(s: jax.Array, keep: jax.Array) -> jax.Array:
+    """Mean of ``s`` over ``keep`` (0/1 weights); 0 when nothing is kept."""
+    return (s * keep).sum() / jnp.maximum(keep.sum(), 1.0)
 
 
 def iso_c(stacked: PyTree, *, rules: LeafRules = DEFAULT_RULES) -> PyTree:
@@ -243,22 +257,27 @@ def _iso_cts_kernel(tau: jax.Array, *, common_fraction: float) -> jax.Array:
     ``sum_t tau_t = U S V^T``; common part ``U[:, :k], S[:k], V[:, :k]``; each
     task's residual ``tau_t - U_k U_k^T tau_t`` gives its top ``s`` triplets;
     all factors are concatenated, orthogonalised by the polar factor, and every
-    singular value replaced by the mean of the concatenated ones.
+    singular value replaced by the mean of the concatenated ones. Triplets at
+    rounding level (:func:`pact_jax.linalg.significant`, scale: the sum's
+    largest singular value) are dropped, as in :func:`iso_c`.
     """
     t, m, n = tau.shape
     common, per_task = iso_cts_split(m, n, t, common_fraction)
     u, s, vh = linalg.exact_svd(tau.sum(0))
-    us, ss, vs = [u[:, :common]], [s[:common]], [vh[:common].T]
+    keep = linalg.significant(s[:common], s[0], max(m, n)).astype(u.dtype)
+    uk = u[:, :common] * keep
+    us, ss, vs, keeps = [uk], [s[:common]], [vh[:common].T], [keep]
     if per_task > 0:
-        uk = u[:, :common]
         residual = tau - uk @ (uk.T @ tau)
         ut, st, vht = linalg.exact_svd(residual, per_task)
         us.append(jnp.moveaxis(ut, 0, 1).reshape(m, t * per_task))
         ss.append(st.reshape(t * per_task))
         vs.append(jnp.moveaxis(jnp.swapaxes(vht, 1, 2), 0, 1).reshape(n, t * per_task))
-    u_all = linalg.polar(jnp.concatenate(us, axis=1))
-    v_all = linalg.polar(jnp.concatenate(vs, axis=1))
-    return jnp.concatenate(ss).mean() * (u_all @ v_all.T)
+        keeps.append(linalg.significant(ss[-1], s[0], max(m, n)).astype(u.dtype))
+    keep_all = jnp.concatenate(keeps)
+    u_all = linalg.polar(jnp.concatenate(us, axis=1) * keep_all)
+    v_all = linalg.polar(jnp.concatenate(vs, axis=1) * keep_all)
+    return _masked_mean(jnp.concatenate(ss), keep_all) * (u_all @ v_all.T)
 
 
 def iso_cts(

@@ -270,6 +270,29 @@ def test_polar_is_batched():
             np.testing.assert_allclose(q[i, j], p @ qt, atol=ATOL, rtol=RTOL)
 
 
+@pytest.mark.parametrize("shape,rank", [((12, 8), 5), ((8, 12), 3), ((10, 10), 7)])
+def test_polar_of_rank_deficient_input_is_the_unique_partial_isometry(shape, rank):
+    # Rank-deficient x has no unique full polar factor; we return P_r Q_r^T, which must
+    # not depend on rounding: float32 and float64 agree, and it is a partial isometry
+    # with the range and co-range of x.
+    rng = np.random.default_rng(10)
+    m, c = shape
+    xn = rng.standard_normal((m, rank)) @ rng.standard_normal((rank, c))
+    q = f64(linalg.polar(f32(xn)))
+    p, _, qt = np.linalg.svd(xn, full_matrices=False)
+    expected = p[:, :rank] @ qt[:rank]
+    np.testing.assert_allclose(q, expected, atol=ATOL)
+    np.testing.assert_allclose(q @ q.T @ q, q, atol=ATOL)  # partial isometry
+    np.testing.assert_allclose(q @ q.T @ xn, xn, atol=1e-3 * np.abs(xn).max())  # range of x
+    np.testing.assert_allclose(np.linalg.matrix_rank(q, tol=1e-3), rank)
+
+
+def test_polar_rtol_sets_the_cut_off():
+    x = jnp.diag(jnp.array([1.0, 1e-3, 1e-6]))
+    np.testing.assert_allclose(np.asarray(linalg.polar(x)), np.eye(3), atol=1e-7)
+    np.testing.assert_allclose(np.asarray(linalg.polar(x, rtol=1e-4)), np.diag([1.0, 1.0, 0.0]), atol=1e-7)
+
+
 # ==========================================================================
 # span_basis
 

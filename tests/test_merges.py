@@ -30,9 +30,15 @@ ATOL = 1e-4
 # NumPy references (float64, loops over tasks)
 
 
+def np_keep(s: np.ndarray, scale: float, size: int) -> np.ndarray:
+    """Singular values above float32 rounding level (NumPy's matrix_rank cut-off)."""
+    return s > size * np.finfo(np.float32).eps * scale
+
+
 def np_polar(x: np.ndarray) -> np.ndarray:
-    p, _, qt = np.linalg.svd(x, full_matrices=False)
-    return p @ qt
+    """``P_+ Q_+^T`` over singular values above ``max(m, c) * eps32 * s_max`` (float32's cut-off)."""
+    p, s, qt = np.linalg.svd(x, full_matrices=False)
+    return (p * np_keep(s, s[0], max(x.shape))) @ qt
 
 
 def ref_average(tau: np.ndarray) -> np.ndarray:
@@ -79,12 +85,14 @@ def ref_ties(tau: np.ndarray, density: float) -> np.ndarray:
 def ref_tsv_matrix(tau: np.ndarray) -> np.ndarray:
     n_tasks, m, n = tau.shape
     k = max(1, min(m, n) // n_tasks)
+    scale = max(np.linalg.norm(tau[t], 2) for t in range(n_tasks))
     us, ss, vs = [], [], []
     for t in range(n_tasks):
         u, s, vt = np.linalg.svd(tau[t], full_matrices=False)
-        us.append(u[:, :k])
+        keep = np_keep(s[:k], scale, max(m, n))  # null-space directions are dropped
+        us.append(u[:, :k] * keep)
         ss.append(s[:k])
-        vs.append(vt[:k].T)
+        vs.append(vt[:k].T * keep)
     u_orth = np_polar(np.concatenate(us, axis=1))
     v_orth = np_polar(np.concatenate(vs, axis=1))
     return u_orth @ np.diag(np.concatenate(ss)) @ v_orth.T
@@ -92,7 +100,8 @@ def ref_tsv_matrix(tau: np.ndarray) -> np.ndarray:
 
 def ref_iso_c_matrix(tau: np.ndarray) -> np.ndarray:
     u, s, vt = np.linalg.svd(tau.sum(0), full_matrices=False)
-    return np.mean(s) * (u @ vt)
+    keep = np_keep(s, s[0], max(tau.shape[1:]))
+    return np.mean(s[keep]) * (u[:, keep] @ vt[keep])
 
 
 def ref_iso_cts_split(m: int, n: int, n_tasks: int, common_fraction: float) -> tuple[int, int]:
@@ -108,15 +117,18 @@ def ref_iso_cts_matrix(tau: np.ndarray, common_fraction: float) -> np.ndarray:
     n_tasks, m, n = tau.shape
     k, s_per = ref_iso_cts_split(m, n, n_tasks, common_fraction)
     u, s, vt = np.linalg.svd(tau.sum(0), full_matrices=False)
-    uk = u[:, :k]
-    us, ss, vs = [uk], [s[:k]], [vt[:k].T]
+    size = max(m, n)
+    keep = np_keep(s[:k], s[0], size)  # a rank-deficient sum has arbitrary null directions
+    uk = u[:, :k][:, keep]
+    us, ss, vs = [uk], [s[:k][keep]], [vt[:k].T[:, keep]]
     if s_per > 0:
         for t in range(n_tasks):
             residual = tau[t] - uk @ (uk.T @ tau[t])
             ur, sr, vrt = np.linalg.svd(residual, full_matrices=False)
-            us.append(ur[:, :s_per])
-            ss.append(sr[:s_per])
-            vs.append(vrt[:s_per].T)
+            keep = np_keep(sr[:s_per], s[0], size)
+            us.append(ur[:, :s_per][:, keep])
+            ss.append(sr[:s_per][keep])
+            vs.append(vrt[:s_per].T[:, keep])
     u_all = np_polar(np.concatenate(us, axis=1))
     v_all = np_polar(np.concatenate(vs, axis=1))
     return np.mean(np.concatenate(ss)) * (u_all @ v_all.T)
@@ -658,3 +670,20 @@ def test_non_finite_raises_naming_the_leaf(name, bad):
     stacked = {"encoder": {"ok": stacked["w"], "broken_leaf": {"kernel": jnp.asarray(x)}}}
     with pytest.raises(PactInputError, match=re.escape("encoder/broken_leaf/kernel")):
         _all_entry_points()[name](stacked)
+
+
+@pytest.mark.parametrize("name", ["tsv", "iso_cts_0.8"])
+def test_rank_deficient_concatenation_is_well_posed(name):
+    # PACT removes the same subspace from every task vector; then the factors TSV-M
+    # and Iso-CTS orthogonalise lose rank and a full polar factor would be decided by
+    # rounding. The merge must match a float64 reference as closely as a full-rank one.
+    rng = np.random.default_rng(3)
+    n_tasks, m, n, removed = 4, 16, 16, 6
+    q = np.linalg.qr(rng.standard_normal((m, removed)))[0]
+    tau = rng.standard_normal((n_tasks, m, n))
+    tau = tau - q @ (q.T @ tau)  # every task vector orthogonal to span(q) on the left
+    stacked = {"w": jnp.asarray(tau, jnp.float32)}
+    got = np.asarray(LIBRARY[name](stacked)["w"], np.float64)
+    want = np.asarray(REFERENCES[name]({"w": np.asarray(stacked["w"], np.float64)})["w"])
+    np.testing.assert_allclose(got, want, atol=1e-4 * np.abs(want).max())
+    np.testing.assert_allclose(q.T @ got, 0.0, atol=1e-4 * np.abs(want).max())  # nothing added there
