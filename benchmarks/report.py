@@ -229,16 +229,40 @@ def plot(results: Mapping[str, Any], path: Path) -> Path:
 def write(results: Mapping[str, Any], md_path: Path) -> list[Path]:
     md_path = Path(md_path)
     md_path.parent.mkdir(parents=True, exist_ok=True)
-    png = md_path.with_suffix(".png")
     js = md_path.with_suffix(".json")
-    plot(results, png)
     js.write_text(json.dumps(results, indent=1, default=str))
+    if not results["per_T"]:  # ablation only
+        md_path.write_text(ablation_markdown(results))
+        return [md_path, js]
+    png = md_path.with_suffix(".png")
+    plot(results, png)
     md_path.write_text(markdown(results, png.name))
     return [md_path, js, png]
 
 
+def ablation_markdown(results: Mapping[str, Any]) -> str:
+    tm = results["timings"]
+    return "\n".join([
+        "# Ablation of PACT's hyperparameters",
+        "",
+        f"Command: `{results['command']}`  ",
+        f"Machine: {results['machine']}  ",
+        f"Date: {results['date']}  ",
+        f"Run time: {tm.get('ablation_s', 0):.0f} s (zoo from the cache of `python -m benchmarks.quality`, "
+        f"config {results['config']['zoo_digest']}).",
+        "",
+        *ablation_lines(results["ablation"]),
+    ]) + "\n"
+
+
 def summary(results: Mapping[str, Any]) -> str:
     lines = []
+    if "ablation" in results:
+        for method, res in results["ablation"]["methods"].items():
+            best = max(res["rows"], key=lambda row: np.mean(row["val"]))
+            lines.append(f"ablation {method}: no PACT {100 * np.mean(res['plain_val']):.2f}, defaults "
+                         f"{100 * np.mean(res['rows'][0]['val']):.2f}, best {best['hyperparameter']}={best['value']} "
+                         f"{100 * np.mean(best['val']):.2f} (validation)")
     for t in results["per_T"]:
         lines.append(f"T = {t}: test accuracy % (mean ± std over seeds)")
         for r in summary_rows(results, t):
