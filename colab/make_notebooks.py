@@ -9,6 +9,7 @@ committed files match this script.
 from __future__ import annotations
 
 import sys
+import tomllib
 from pathlib import Path
 
 import nbformat
@@ -16,15 +17,72 @@ from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 
 HERE = Path(__file__).resolve().parent
 
-INSTALL = '''\
-# Install pact_jax (skipped when it is already importable, e.g. in CI).
-# On Colab: set REPO_URL to your clone of the pact_jax repository.
-import importlib.util, subprocess, sys
-REPO_URL = "https://github.com/YOUR_ORG/pact_jax"
+ROOT = HERE.parent
+
+
+def repo_url() -> str | None:
+    """Where a fresh Colab runtime installs pact_jax from: ``[project.urls]`` of pyproject.toml.
+
+    The one place the URL is defined; the install cell gets it when the
+    notebooks are generated (``None`` while pyproject.toml names none).
+    """
+    with open(ROOT / "pyproject.toml", "rb") as f:
+        urls = tomllib.load(f)["project"].get("urls", {})
+    return next((urls[k] for k in ("Repository", "Source", "Homepage") if urls.get(k)), None)
+
+
+def install_cell() -> str:
+    url = repo_url()
+    comment = (
+        "from pyproject.toml [project.urls] (colab/make_notebooks.py writes it here)"
+        if url
+        else "pyproject.toml names no [project.urls] Repository yet: put pact_jax's git URL here"
+    )
+    return INSTALL.replace("REPO_URL = None  # COMMENT", f"REPO_URL = {url!r}  # {comment}")
+
+
+INSTALL = r'''# Install pact_jax, then print which one this notebook uses.
+# * Already importable (a venv made as in the README, CI): nothing is installed.
+# * Inside a clone of the repository (this directory or a parent holds its pyproject.toml,
+#   or `!git clone <url>` left one in ./pact_jax): pip install -e <clone>.
+# * Elsewhere (a fresh Colab runtime): pip install git+REPO_URL.
+import importlib, importlib.util, pathlib, re, subprocess, sys, tomllib
+
+REPO_URL = None  # COMMENT
+
+
+def find_clone(start="."):
+    """The directory holding pact_jax's pyproject.toml: start, a parent of it, or a child of it."""
+    start = pathlib.Path(start).resolve()
+    for d in [start, *start.parents, *sorted(p for p in start.iterdir() if p.is_dir())]:
+        try:
+            name = tomllib.loads((d / "pyproject.toml").read_text())["project"]["name"]
+        except (OSError, KeyError, tomllib.TOMLDecodeError):
+            continue
+        if re.sub(r"[-_.]+", "-", name).lower() == "pact-jax":
+            return d
+    return None
+
+
 if importlib.util.find_spec("pact_jax") is None:
-    subprocess.check_call([sys.executable, "-m", "pip", "install", "-q", f"git+{REPO_URL}"])
+    clone = find_clone()
+    if clone is not None:
+        target = ["-e", str(clone)]
+    elif REPO_URL:
+        target = [f"git+{REPO_URL}"]
+    else:
+        raise RuntimeError(
+            "pact_jax is not installed and no clone of its repository is here. Run `!git clone <its git URL>` "
+            "in a cell above (or set REPO_URL in this cell to that URL), then run this cell again."
+        )
+    print("installing pact_jax: pip install", *target)
+    subprocess.check_call([sys.executable, "-m", "pip", "install", "-q", *target])
+    if clone is not None:
+        sys.path.insert(0, str(clone))  # an editable install is seen by new processes; this kernel needs the path
+    importlib.invalidate_caches()
 import jax, pact_jax
-print("pact_jax", pact_jax.__version__, "| jax", jax.__version__, "| devices:", jax.devices())'''
+print(f"pact_jax {pact_jax.__version__} from {pathlib.Path(pact_jax.__file__).parent}")
+print(f"jax {jax.__version__}, devices: {jax.devices()}")'''
 
 QUICKSTART = [
     new_markdown_cell(
@@ -34,15 +92,16 @@ QUICKSTART = [
         "Arithmetic, TIES, TSV-M and Iso-CTS, each **with and without PACT**, evaluate, plot, and look at "
         "PACT's per-layer Load-Bearing-Wall statistics. Runs on a free CPU or GPU runtime in a few minutes."
     ),
-    new_code_cell(INSTALL),
+    new_code_cell(install_cell()),
     new_markdown_cell(
-        "## 1. Build the zoo and merge\n\n"
+        "## 1. Build the zoo (or load the cached one), merge, evaluate\n\n"
         "`pact_jax.demo.run_demo` pre-trains, fine-tunes, merges every method with and without PACT "
         "(alpha chosen on a validation split, accuracy on a test split) and writes the models as orbax "
-        "checkpoints under `save_dir`."
+        "checkpoints under `save_dir`. The results are cached next to them, so running the notebook again "
+        "loads the zoo instead of rebuilding it (delete `quickstart_zoo/` to rebuild)."
     ),
     new_code_cell(
-        "import os\n"
+        "import dataclasses, json, os, pathlib, shutil\n"
         "from pact_jax import demo\n\n"
         "QUICK = os.environ.get('PACT_JAX_QUICK') == '1'   # CI runs a reduced setting\n"
         "cfg = demo.DemoConfig(\n"
@@ -52,22 +111,34 @@ QUICKSTART = [
         "    probe_steps=50 if QUICK else 200,\n"
         "    save_dir='quickstart_zoo',\n"
         ")\n"
-        "results = demo.run_demo(cfg, log=print)\n"
+        "cache = pathlib.Path(cfg.save_dir) / 'results.json'\n"
+        "results = json.loads(cache.read_text()) if cache.exists() else None\n"
+        "if results is not None and results['config'] == json.loads(json.dumps(dataclasses.asdict(cfg))):\n"
+        "    print('loaded the cached zoo and its results from', cache)\n"
+        "else:                                               # build it (again, if the settings changed)\n"
+        "    shutil.rmtree(cfg.save_dir, ignore_errors=True)\n"
+        "    results = demo.run_demo(cfg, log=print)\n"
+        "    cache.write_text(json.dumps(results, default=float))\n"
         "print(demo.format_report(results))"
     ),
-    new_markdown_cell("## 2. Plot: normalized accuracy (merged / individual fine-tuned), with and without PACT"),
+    new_markdown_cell("## 2. Plot: accuracy of each merge, with and without PACT"),
     new_code_cell(
         "import matplotlib.pyplot as plt\n"
         "import numpy as np\n\n"
         "names = list(results['methods'])\n"
-        "plain = [100 * results['methods'][m]['plain']['normalized'] for m in names]\n"
-        "pact = [100 * results['methods'][m]['pact']['normalized'] for m in names]\n"
         "x = np.arange(len(names))\n"
-        "fig, ax = plt.subplots(figsize=(7, 3.5))\n"
-        "ax.bar(x - 0.2, plain, 0.4, label='plain')\n"
-        "ax.bar(x + 0.2, pact, 0.4, label='+ PACT')\n"
-        "ax.axhline(100 * results['pretrained']['normalized'], color='gray', ls='--', label='pre-trained')\n"
-        "ax.set_xticks(x, names); ax.set_ylabel('normalized accuracy (%)'); ax.legend(); plt.show()"
+        "fig, axes = plt.subplots(1, 2, figsize=(11, 3.5))\n"
+        "for ax, key, label in [(axes[0], 'mean', 'mean test accuracy (%)'),\n"
+        "                       (axes[1], 'normalized', 'normalized accuracy (% of fine-tuned)')]:\n"
+        "    ax.bar(x - 0.2, [100 * results['methods'][m]['plain'][key] for m in names], 0.4, label='plain')\n"
+        "    ax.bar(x + 0.2, [100 * results['methods'][m]['pact'][key] for m in names], 0.4, label='+ PACT')\n"
+        "    ax.axhline(100 * results['pretrained'][key], color='gray', ls='--', label='pre-trained')\n"
+        "    ax.axhline(100 * results['finetuned'][key], color='black', ls=':', label='individual fine-tuned')\n"
+        "    ax.set_xticks(x, names); ax.set_ylabel(label)\n"
+        "axes[1].legend(loc='lower right'); plt.tight_layout(); plt.show()\n"
+        "for m in names:\n"
+        "    r = results['methods'][m]\n"
+        "    print(f\"{m:16s} plain {100 * r['plain']['mean']:5.1f}%  with PACT {100 * r['pact']['mean']:5.1f}%\")"
     ),
     new_markdown_cell(
         "## 3. The same with the Python API, from the checkpoints on disk\n\n"
@@ -113,9 +184,10 @@ YOUR_CHECKPOINTS = [
         "# Merge your own checkpoints\n\n"
         "With the Python API and with the `pact-jax` command line; orbax (default), Flax msgpack, "
         "safetensors and T5X checkpoints; streaming under a memory budget; sharded over all devices "
-        "of a TPU/GPU runtime. The first cells write small stand-in checkpoints; replace the paths with yours."
+        "of a TPU/GPU runtime (on Colab: *Runtime > Change runtime type > TPU*). The cells write small "
+        "stand-in checkpoints first; replace their paths with yours."
     ),
-    new_code_cell(INSTALL),
+    new_code_cell(install_cell()),
     new_markdown_cell("## 0. Stand-in checkpoints (replace with your own paths)"),
     new_code_cell(
         "import os\n"
@@ -140,11 +212,15 @@ YOUR_CHECKPOINTS = [
         "    io.save('ckpts/task0.safetensors', io.load(FTS[0]))        # ... and as safetensors\n"
         "print({p: io.detect_format(p) for p in [PRE, 'ckpts/task0.msgpack', 'ckpts/task0.safetensors']})"
     ),
-    new_markdown_cell("## 1. Python API, whole model in memory"),
+    new_markdown_cell(
+        "## 1. Python API, whole model in memory\n\n"
+        "`io.load` detects the format (orbax, Flax msgpack, safetensors, T5X); here task 0 comes from the "
+        "Flax msgpack file."
+    ),
     new_code_cell(
         "from pact_jax import recipes\n\n"
         "params_pre = io.load(PRE)\n"
-        "params_fts = [io.load(p) for p in FTS]\n"
+        "params_fts = [io.load('ckpts/task0.msgpack')] + [io.load(p) for p in FTS[1:]]\n"
         "merge = recipes.make_merge('iso_cts', use_pact=True, alpha=1.0)   # PACT + Iso-CTS\n"
         "merged = merge(params_pre, params_fts)\n"
         "io.save('merged_api', merged, overwrite=True)\n"
@@ -164,10 +240,7 @@ YOUR_CHECKPOINTS = [
     ),
     new_markdown_cell(
         "## 3. The command line\n\n"
-        "The same merges from a shell (`!` runs one in a notebook). T5X checkpoint directories "
-        "(`checkpoint_<step>/`, legacy msgpack+tensorstore or orbax-based) are detected the same way: "
-        "pass them as `--pretrained` / `--finetuned` and the merged params are written back in the "
-        "pre-trained checkpoint's layout."
+        "The same merges from a shell (`!` runs one in a notebook); `pact-jax merge --help` lists every flag."
     ),
     new_code_cell(
         "!pact-jax merge --pretrained ckpts/pretrained --finetuned ckpts/task0 ckpts/task1 ckpts/task2 "
@@ -175,10 +248,41 @@ YOUR_CHECKPOINTS = [
         "!pact-jax inspect ckpts/task0 --pretrained ckpts/pretrained --finetuned ckpts/task1 ckpts/task2"
     ),
     new_markdown_cell(
-        "## 4. Sharded over every device (TPU / multi-GPU runtime)\n\n"
+        "## 4. T5X checkpoints\n\n"
+        "T5X step directories (`<model_dir>/checkpoint_<step>/`, legacy msgpack + TensorStore or "
+        "orbax-based) are detected like the other formats: pass them as `--pretrained` / `--finetuned` "
+        "(or to `io.load`). The `target` parameters are merged, and the output is written in the "
+        "pre-trained checkpoint's layout, its optimizer state and step copied. The stand-ins below are "
+        "written as t5x's orbax `CheckpointManager` does; point the paths at your own `checkpoint_<step>`."
+    ),
+    new_code_cell(
+        "import orbax.checkpoint as ocp\n\n"
+        "def write_t5x(model_dir, params):  # a stand-in T5X checkpoint_0: item 'state' = {target, state}\n"
+        "    state = {'target': params['params'],\n"
+        "             'state': {'step': np.int32(0), 'param_states': jax.tree.map(np.zeros_like, params['params'])}}\n"
+        "    options = ocp.CheckpointManagerOptions(step_prefix='checkpoint', create=True)\n"
+        "    with ocp.CheckpointManager(os.path.abspath(model_dir), item_names=('state',), options=options) as m:\n"
+        "        m.save(0, args=ocp.args.Composite(state=ocp.args.PyTreeSave(state)))\n"
+        "    return f'{model_dir}/checkpoint_0'\n\n"
+        "T5X_PRE = 't5x/pretrained/checkpoint_0'\n"
+        "T5X_FTS = [f't5x/task{t}/checkpoint_0' for t in range(3)]\n"
+        "if not os.path.exists(T5X_PRE):\n"
+        "    write_t5x('t5x/pretrained', params_pre)\n"
+        "    for t, path in enumerate(FTS):\n"
+        "        write_t5x(f't5x/task{t}', io.load(path))\n"
+        "print(io.detect_format(T5X_PRE), sorted(io.flatten(io.load(T5X_PRE))))"
+    ),
+    new_code_cell(
+        "!pact-jax merge --pretrained {T5X_PRE} --finetuned {' '.join(T5X_FTS)} --method ties --pact "
+        "--output t5x/merged/checkpoint_0 --overwrite --no-progress\n"
+        "print(io.detect_format('t5x/merged/checkpoint_0'), 'with', len(io.flatten(io.load('t5x/merged/checkpoint_0'))), 'leaves')"
+    ),
+    new_markdown_cell(
+        "## 5. Sharded over every device (TPU / multi-GPU runtime)\n\n"
         "`pact_jax.sharding.shard_merge` runs the merge as one `jax.jit` program over a device mesh: "
         "parameters split across devices, each device doing the SVDs of its layers. On a single-device "
-        "runtime the mesh has one device and the result is the same."
+        "runtime the mesh has one device and the result is the same. From the command line: `--mesh auto` "
+        "(all devices) or `--mesh TxL`."
     ),
     new_code_cell(
         "from pact_jax import sharding\n\n"
@@ -188,7 +292,10 @@ YOUR_CHECKPOINTS = [
         "sharded = smerge(params_pre, params_fts)\n"
         "ref = recipes.make_merge('tsv', use_pact=True)(params_pre, params_fts)\n"
         "print('max |sharded - unsharded|:', max(float(np.abs(np.asarray(a) - np.asarray(b)).max())\n"
-        "      for a, b in zip(jax.tree.leaves(sharded), jax.tree.leaves(ref))))"
+        "      for a, b in zip(jax.tree.leaves(sharded), jax.tree.leaves(ref))))\n"
+        "# the CLI: each group of leaves merged over a mesh of all devices\n"
+        "!pact-jax merge --pretrained {PRE} --finetuned {' '.join(FTS)} --method tsv --pact --mesh auto "
+        "--output merged_mesh --overwrite --no-progress"
     ),
 ]
 
