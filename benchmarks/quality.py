@@ -74,21 +74,29 @@ ABLATION_METHODS: tuple[str, ...] = ("task_arithmetic", "ties", "tsv", "iso_cts"
 SUBSPACE_GRID: Mapping[str, tuple[Any, ...]] = {
     "pretrained_rank": (0.05, 0.1, 0.2, 0.4),
     "task_rank": (0.02, 0.05, 0.1, 0.2),
-    "align_threshold": (0.7, 0.8, 0.9, 0.95, 0.99),
-    "strength": (0.25, 0.5, 1.0),
+    "align_threshold": (0.7, 0.8, 0.9, 0.95, 0.99, 0.999),
+    "strength": (0.1, 0.25, 0.5, 1.0),
     "side": ("left", "right", "both"),
     "exclude_self": (True, False),
+    "svd": ("exact", "randomized"),
 }
-# exact vs randomized SVD inside PACT: only with --ablation-randomized, because PACT with
-# svd='randomized' hung (XLA:CPU threads all in futex waits, forever) in a long-running process
-# here (jaxlib 0.10.2, 2 cores); see the report.
-RANDOMIZED_GRID: Mapping[str, tuple[Any, ...]] = {"svd": ("randomized",)}
 SCALAR_GRID: Mapping[str, tuple[Any, ...]] = {
     "weight_fraction": (0.05, 0.1, 0.2, 0.4),
     "anchor_fraction": (0.25, 0.5, 0.75),
     "strength": (0.25, 0.5, 1.0),
     "exclude_self": (True, False),
 }
+# Second stage: pairs of the best single changes of the one-at-a-time stage (one seed, T = 8).
+SUBSPACE_COMBOS: tuple[Mapping[str, Any], ...] = (
+    {"align_threshold": 0.99, "strength": 0.5},
+    {"align_threshold": 0.99, "task_rank": 0.1},
+    {"align_threshold": 0.99, "side": "right"},
+    {"strength": 0.25, "side": "right"},
+)
+SCALAR_COMBOS: tuple[Mapping[str, Any], ...] = (
+    {"anchor_fraction": 0.75, "strength": 0.5},
+    {"anchor_fraction": 0.75, "weight_fraction": 0.05},
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,6 +112,8 @@ class QualityConfig:
     ablation_seeds: tuple[int, ...] | None = None  # None: all seeds
     subspace_grid: Mapping[str, tuple[Any, ...]] = dataclasses.field(default_factory=lambda: dict(SUBSPACE_GRID))
     scalar_grid: Mapping[str, tuple[Any, ...]] = dataclasses.field(default_factory=lambda: dict(SCALAR_GRID))
+    subspace_combos: tuple[Mapping[str, Any], ...] = SUBSPACE_COMBOS
+    scalar_combos: tuple[Mapping[str, Any], ...] = SCALAR_COMBOS
 
 
 QUICK = QualityConfig(
@@ -115,6 +125,8 @@ QUICK = QualityConfig(
     ablation_methods=("tsv",),
     subspace_grid={"align_threshold": (0.9, 0.99)},
     scalar_grid={},
+    subspace_combos=(),
+    scalar_combos=(),
 )
 
 
@@ -171,15 +183,23 @@ def merge_key(seed: int, method: str) -> jax.Array:
 def merged_delta(
     ev: Evaluator, method: str, use_pact: bool, pact_kwargs: Mapping[str, Any] | None = None
 ) -> PyTree:
-    """``merge.delta`` of :func:`pact_jax.recipes.make_merge` for the evaluator's models."""
+    """``merge.delta`` of :func:`pact_jax.recipes.make_merge` for the evaluator's models.
+
+    ``svd='randomized'`` in ``pact_kwargs`` also randomizes TSV-M's truncated
+    SVDs (the randomized path of the speed benchmark), as ``pact-jax merge --svd`` does.
+    """
+    method_kwargs = dict(METHOD_KWARGS.get(method, {}))
+    if method == "tsv" and (pact_kwargs or {}).get("svd") == "randomized":
+        method_kwargs["svd"] = "randomized"
     merge = recipes.make_merge(
         method,
         use_pact=use_pact,
         pact_kwargs=dict(pact_kwargs or {}) if use_pact else None,
-        method_kwargs=dict(METHOD_KWARGS.get(method, {})),
+        method_kwargs=method_kwargs,
         rules=vit.MERGE_RULES,
     )
-    key = merge_key(ev.seed, method) if recipes.needs_key(method, use_pact=use_pact, pact_kwargs=pact_kwargs) else None
+    randomized = recipes.needs_key(method, use_pact=use_pact, pact_kwargs=pact_kwargs, method_kwargs=method_kwargs)
+    key = merge_key(ev.seed, method) if randomized else None
     return jax.block_until_ready(merge.delta(ev.pre, ev.fts, key=key))
 
 
@@ -275,7 +295,9 @@ def ablation_settings(cfg: QualityConfig, method: str) -> list[tuple[str, Any, d
     The first row is the library defaults; values equal to a default are not
     repeated. Methods whose recipe uses the subspace perspective run the
     subspace grid; those using the scalar perspective run the scalar grid
-    plus one row with ``perspective='subspace'`` (everything else default).
+    plus one row with ``perspective='subspace'`` (everything else default);
+    then the pairs of changes in ``cfg.*_combos`` (hyperparameter
+    ``'combination'``).
     """
     defaults = _pact_defaults()
     rows: list[tuple[str, Any, dict[str, Any]]] = [("(defaults)", "", {})]
@@ -287,8 +309,12 @@ def ablation_settings(cfg: QualityConfig, method: str) -> list[tuple[str, Any, d
     if recipes.default_perspective(method) == "scalar":
         add(cfg.scalar_grid)
         rows.append(("perspective", "subspace", {"perspective": "subspace"}))
+        combos = cfg.scalar_combos
     else:
         add(cfg.subspace_grid)
+        combos = cfg.subspace_combos
+    for kw in combos:
+        rows.append(("combination", ", ".join(f"{k}={v}" for k, v in kw.items()), dict(kw)))
     return rows
 
 
@@ -444,8 +470,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", nargs="+", default=None, choices=METHODS, help="methods (default: all)")
     p.add_argument("--quick", action="store_true", help="tiny zoo and settings (the CI test); seconds")
     p.add_argument("--ablation", action="store_true", help="also run PACT's hyperparameter ablation (T = max --tasks)")
-    p.add_argument("--ablation-randomized", action="store_true",
-                   help="also ablate svd='randomized' in PACT (it hung on jaxlib 0.10.2 CPU; off by default)")
     p.add_argument("--ablation-only", action="store_true",
                    help="run only the ablation (default output benchmarks/results_ablation.md)")
     p.add_argument("--ablation-seeds", type=int, nargs="+", default=None, help="seeds for the ablation (default: --seeds)")
@@ -459,8 +483,6 @@ def build_parser() -> argparse.ArgumentParser:
 def config_from_args(args: argparse.Namespace) -> QualityConfig:
     cfg = QUICK if args.quick else QualityConfig()
     changes: dict[str, Any] = {"ablation": args.ablation, "ablation_only": args.ablation_only}
-    if args.ablation_randomized:
-        changes["subspace_grid"] = {**cfg.subspace_grid, **RANDOMIZED_GRID}
     if args.tasks:
         bad = [t for t in args.tasks if not 1 <= t <= cfg.zoo.num_tasks]
         if bad:

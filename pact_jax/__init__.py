@@ -5,11 +5,17 @@ Pure functions over parameter pytrees. Task vectors are one stacked pytree
 stacked -> delta, and :func:`chain` composes them into a merge function.
 """
 
-from pact_jax import linalg, merges
-from pact_jax.chain import chain
-from pact_jax.linalg import randomized_svd
-from pact_jax.pact import lbw_statistics, pact
-from pact_jax.tree import (
+from pact_jax import runtime
+
+# Before any JAX computation starts the CPU backend: jaxlib 0.10 deadlocks on a
+# small CPU thread pool (see pact_jax/runtime.py).
+runtime.configure_cpu_pool()
+
+from pact_jax import linalg, merges  # noqa: E402
+from pact_jax.chain import chain  # noqa: E402
+from pact_jax.linalg import randomized_svd  # noqa: E402
+from pact_jax.pact import lbw_statistics, pact  # noqa: E402
+from pact_jax.tree import (  # noqa: E402
     DEFAULT_RULES,
     LeafRules,
     PactInputError,

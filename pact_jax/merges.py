@@ -42,11 +42,13 @@ def _merge_by_kind(
     view: str,
     static: dict[str, Any] | None = None,
     non_matrix: Callable[[jax.Array], jax.Array] = lambda x: x.mean(0),
+    key: jax.Array | None = None,
 ) -> PyTree:
     """Shared traversal of the mergers.
 
-    ``view='matrix'``: matrix leaves go to ``kernel(tau (T, m, n)) -> (m, n)``,
-    other leaves to ``non_matrix``. ``view='flat'``: every non-frozen,
+    ``view='matrix'``: matrix leaves go to ``kernel(tau (T, m, n)) -> (m, n)``
+    (``kernel(tau, leaf_key)`` when ``key`` is given: ``key`` folded with the
+    leaf's path), other leaves to ``non_matrix``. ``view='flat'``: every non-frozen,
     non-averaged leaf goes to ``kernel(tau (T, N)) -> (N,)``.
     ``static`` holds the kernel's hyperparameters (static under jit); anything
     derived from the shape is computed inside the kernel, so each kernel
@@ -66,7 +68,7 @@ def _merge_by_kind(
             out[i] = leaf.mean(0)
         elif view == "matrix" and kind == "matrix":
             x = leaf.reshape(t, *rules.matrix_shape(path, shape))
-            jobs.append(((x,), static or {}))
+            jobs.append(((x,) if key is None else (x, leaf_key(key, path)), static or {}))
             job_index.append(i)
         elif view == "flat":
             x = leaf.reshape(t, -1)
@@ -183,17 +185,27 @@ def tsv_rank(m: int, n: int, t: int) -> int:
     return max(1, min(m, n) // t)
 
 
-def _tsv_kernel(tau: jax.Array) -> jax.Array:
+def _tsv_kernel(
+    tau: jax.Array,
+    key: jax.Array | None = None,
+    *,
+    svd: linalg.SvdMethod = "exact",
+    oversample: int = 10,
+    power_iters: int = 2,
+) -> jax.Array:
     """TSV-M on one matrix ``tau (T, m, n) -> (m, n)``.
 
-    ``tau_t ~= U_t S_t V_t^T`` (top ``rank = tsv_rank(m, n, T)``); ``U = [U_1 .. U_T]``,
+    ``tau_t ~= U_t S_t V_t^T`` (top ``rank = tsv_rank(m, n, T)``, exact or
+    randomized SVD); ``U = [U_1 .. U_T]``,
     ``V = [V_1 .. V_T]``, ``S = diag(S_1 .. S_T)``;
     ``delta = polar(U) S polar(V)^T``. Triplets with ``s`` at rounding level
     (:func:`pact_jax.linalg.significant`, scale ``max_t s_t,1``) are dropped.
     """
     t, m, n = tau.shape
     rank = tsv_rank(m, n, t)
-    u, s, vh = linalg.exact_svd(tau, rank)
+    u, s, vh = linalg.truncated_svd(
+        tau, rank, method=svd, key=key, oversample=oversample, power_iters=power_iters
+    )
     keep = linalg.significant(s, s.max(), max(m, n)).astype(u.dtype)  # (T, rank)
     u, vh = u * keep[:, None, :], vh * keep[:, :, None]
     u_cat = jnp.moveaxis(u, 0, 1).reshape(m, t * rank)
@@ -202,15 +214,38 @@ def _tsv_kernel(tau: jax.Array) -> jax.Array:
     return (linalg.polar(u_cat) * s_cat) @ linalg.polar(v_cat).T
 
 
-def tsv(stacked: PyTree, *, rules: LeafRules = DEFAULT_RULES) -> PyTree:
+def tsv(
+    stacked: PyTree,
+    *,
+    svd: linalg.SvdMethod = "exact",
+    key: jax.Array | None = None,
+    oversample: int = 10,
+    power_iters: int = 2,
+    rules: LeafRules = DEFAULT_RULES,
+) -> PyTree:
     """TSV-M, Task Singular Vectors merging (Gargiulo et al., CVPR 2025).
 
     Per matrix leaf ``(T, m, n)``: the top ``k = floor(min(m, n)/T)`` singular
     triplets of each task vector, concatenated and decorrelated by the
     orthogonal polar factor: ``delta = polar(U) diag(S) polar(V)^T``.
     Non-matrix leaves: task mean.
+
+    Args:
+      svd: ``'exact'`` or ``'randomized'`` (only the top ``k`` triplets are
+        needed, so a sketch of ``k + oversample`` columns suffices; see
+        :func:`pact_jax.linalg.randomized_svd`).
+      key: PRNG key, required for ``svd='randomized'``; each leaf uses
+        :func:`pact_jax.tree.leaf_key`.
+      oversample, power_iters: randomized SVD knobs.
     """
-    return _merge_by_kind(stacked, rules, _tsv_kernel, view="matrix")
+    if svd not in ("exact", "randomized"):
+        raise ValueError(f"svd must be 'exact' or 'randomized', got {svd!r}.")
+    if svd == "randomized" and key is None:
+        raise ValueError("tsv(svd='randomized') needs a PRNG key: key=jax.random.key(0).")
+    static = {"svd": svd, "oversample": oversample, "power_iters": power_iters}
+    return _merge_by_kind(
+        stacked, rules, _tsv_kernel, view="matrix", static=static, key=key if svd == "randomized" else None
+    )
 
 
 def _iso_c_kernel(tau: jax.Array) -> jax.Array:

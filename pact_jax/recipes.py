@@ -99,7 +99,15 @@ def make_merge(
     return chain(*steps, alpha=DEFAULT_ALPHA[method] if alpha is None else alpha, rules=rules)
 
 
-def needs_key(method: str, *, use_pact: bool = False, pact_kwargs: Mapping[str, Any] | None = None) -> bool:
-    """Whether the recipe draws random numbers (DARE, randomized SVD)."""
-    randomized = use_pact and (pact_kwargs or {}).get("svd", "exact") == "randomized"
+def needs_key(
+    method: str,
+    *,
+    use_pact: bool = False,
+    pact_kwargs: Mapping[str, Any] | None = None,
+    method_kwargs: Mapping[str, Any] | None = None,
+) -> bool:
+    """Whether the recipe draws random numbers (DARE, randomized SVD in PACT or the merger)."""
+    randomized = (use_pact and (pact_kwargs or {}).get("svd", "exact") == "randomized") or (
+        (method_kwargs or {}).get("svd", "exact") == "randomized"
+    )
     return method == "dare_ties" or randomized

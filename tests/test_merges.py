@@ -687,3 +687,28 @@ def test_rank_deficient_concatenation_is_well_posed(name):
     want = np.asarray(REFERENCES[name]({"w": np.asarray(stacked["w"], np.float64)})["w"])
     np.testing.assert_allclose(got, want, atol=1e-4 * np.abs(want).max())
     np.testing.assert_allclose(q.T @ got, 0.0, atol=1e-4 * np.abs(want).max())  # nothing added there
+
+
+def test_tsv_randomized_equals_exact_on_low_rank_task_vectors():
+    # Each task vector has rank 3 <= k + oversample: the sketch captures its range exactly.
+    rng = np.random.default_rng(4)
+    n_tasks, m, n = 4, 40, 32
+    tau = np.stack([rng.standard_normal((m, 3)) @ rng.standard_normal((3, n)) for _ in range(n_tasks)])
+    stacked = {"w": jnp.asarray(tau, jnp.float32), "b": jnp.asarray(rng.standard_normal((n_tasks, n)), jnp.float32)}
+    exact = merges.tsv(stacked)
+    approx = merges.tsv(stacked, svd="randomized", key=jax.random.key(0))
+    chex.assert_trees_all_close(approx, exact, atol=1e-4)
+
+
+def test_tsv_randomized_is_keyed_and_needs_a_key():
+    rng = np.random.default_rng(5)
+    stacked = {"w": jnp.asarray(rng.standard_normal((3, 48, 48)), jnp.float32)}
+    a = merges.tsv(stacked, svd="randomized", key=jax.random.key(1), power_iters=0)
+    b = merges.tsv(stacked, svd="randomized", key=jax.random.key(1), power_iters=0)
+    c = merges.tsv(stacked, svd="randomized", key=jax.random.key(2), power_iters=0)
+    chex.assert_trees_all_equal(a, b)
+    assert not np.allclose(np.asarray(a["w"]), np.asarray(c["w"]))  # a flat spectrum: the sketch matters
+    with pytest.raises(ValueError, match="needs a PRNG key"):
+        merges.tsv(stacked, svd="randomized")
+    with pytest.raises(ValueError, match="svd must be"):
+        merges.tsv(stacked, svd="fast")
