@@ -641,6 +641,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg = config_from_args(args)
     except ValueError as e:
         parser.error(str(e))
+    if cfg.save_dir is not None:  # fail before training, not after
+        from pathlib import Path
+
+        taken = [p for p in ["pretrained", *(f"task{t}" for t in range(cfg.num_tasks))] if (Path(cfg.save_dir) / p).exists()]
+        if taken:
+            parser.error(f"--save-checkpoints {cfg.save_dir}: {', '.join(taken)} already exist there; "
+                         "checkpoints are never overwritten: remove them or choose another directory.")
     print(f"pact_jax {pact_jax.__version__} demo on {jax.devices()[0].platform}: "
           f"{cfg.num_tasks} tasks, seed {cfg.seed}", flush=True)
     results = run_demo(cfg, log=lambda line: print(line, flush=True))

@@ -16,8 +16,6 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `benchmarks` lives at the repository root
 
-pytest.importorskip("sklearn", reason="the benchmark's digit tasks need scikit-learn (the 'bench' extra)")
-pytest.importorskip("matplotlib", reason="the benchmark's plot needs matplotlib (the 'bench' extra)")
 
 from benchmarks import quality, tasks, zoo  # noqa: E402
 

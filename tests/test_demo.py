@@ -98,6 +98,14 @@ def test_bad_options_are_rejected():
     assert e.value.code == 2
 
 
+def test_existing_checkpoints_are_refused_before_training(tmp_path, capsys):
+    (tmp_path / "task1").mkdir()
+    with pytest.raises(SystemExit) as e:
+        demo.main(["--save-checkpoints", str(tmp_path), "--tasks", "3"])
+    assert e.value.code == 2
+    assert "task1 already exist" in capsys.readouterr().err
+
+
 def test_command_line_runs():
     proc = subprocess.run(
         [sys.executable, "-m", "pact_jax.demo", "--steps", "50", "--tasks", "3", "--methods", "ties"],
