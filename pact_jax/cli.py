@@ -2,12 +2,20 @@
 
     pact-jax merge --pretrained PRE --finetuned FT1 FT2 ... --method tsv --pact --output OUT
     pact-jax merge config.yaml [--flags that override it]
+    pact-jax merge ... --distributed [--coordinator-address H:P --num-processes N --process-id I]
     pact-jax inspect CKPT [--pretrained PRE] [--finetuned FT ...]
 
 Exit codes: 0 success, 2 usage error (bad flags or config), 1 failure (a
 message names the file and leaf). An output is written to a temporary
 directory next to it and renamed into place when complete; an existing
 output is never replaced without ``--overwrite``, and an input never.
+
+``--distributed`` runs one merge over several processes (hosts): every
+process runs the same command, :func:`pact_jax.sharding.initialize` joins
+them (``jax.distributed``), the groups are merged over a global device mesh
+(``--mesh``, default ``auto``) and written by all processes together (orbax
+output) or gathered to process 0 (other formats); process 0 publishes the
+output and prints the summary.
 """
 
 from __future__ import annotations
@@ -46,7 +54,12 @@ _CONFIG_KEYS = {
     "rules": dict,
     "progress": bool,
     "mesh": str,
+    "distributed": bool,
+    "coordinator_address": str,
+    "num_processes": int,
+    "process_id": int,
 }
+_DISTRIBUTED_KEYS = ("coordinator_address", "num_processes", "process_id")
 _RULE_KEYS = ("matrix", "not_matrix", "average", "freeze")
 
 
@@ -97,6 +110,13 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--mesh", metavar="auto|TxL",
                    help="run each group's merge sharded over a device mesh: 'auto' (all devices on the layers "
                         "axis) or TASKSxLAYERS, e.g. 2x4 (default: one device)")  # fmt: skip
+    m.add_argument("--distributed", action=argparse.BooleanOptionalAction, default=None,
+                   help="multi-process run: join the other processes with jax.distributed.initialize (run the "
+                        "same command on every host); implies --mesh auto unless --mesh is given")  # fmt: skip
+    m.add_argument("--coordinator-address", metavar="HOST:PORT",
+                   help="with --distributed: process 0's address (default: detected on Cloud TPU, Slurm, Open MPI)")
+    m.add_argument("--num-processes", type=int, metavar="N", help="with --distributed: number of processes")
+    m.add_argument("--process-id", type=int, metavar="I", help="with --distributed: this process's id, 0..N-1")
 
     i = sub.add_parser("inspect", help="show a checkpoint's tree, and task-vector / PACT statistics")
     i.add_argument("checkpoint", help="checkpoint to inspect (fine-tuned, if --pretrained is given)")
@@ -151,7 +171,8 @@ def merge_settings(args: argparse.Namespace) -> dict[str, Any]:
     """Config file, then flags on top; checks what is required."""
     cfg = _load_config(args.config) if args.config else {}
     for k in ("pretrained", "finetuned", "method", "pact", "alpha", "svd", "seed", "output", "format",
-              "output_format", "overwrite", "budget_mib", "progress", "mesh"):  # fmt: skip
+              "output_format", "overwrite", "budget_mib", "progress", "mesh", "distributed",
+              *_DISTRIBUTED_KEYS):  # fmt: skip
         v = getattr(args, k)
         if v is not None:
             cfg[k] = v
@@ -169,6 +190,11 @@ def merge_settings(args: argparse.Namespace) -> dict[str, Any]:
         raise UsageError(f"svd must be 'exact' or 'randomized', got {cfg['svd']!r}")
     if cfg.get("svd"):
         cfg["pact_args"].setdefault("svd", cfg["svd"])
+    given = [k for k in _DISTRIBUTED_KEYS if cfg.get(k) is not None]
+    if given and not cfg.get("distributed"):
+        raise UsageError(f"{', '.join('--' + k.replace('_', '-') for k in given)} need(s) --distributed")
+    if cfg.get("distributed") and not cfg.get("mesh"):
+        cfg["mesh"] = "auto"
     return cfg
 
 
@@ -182,6 +208,8 @@ def _rules(spec: dict[str, str]):
 
 
 def run_merge(cfg: dict[str, Any]) -> int:
+    if cfg.get("distributed"):
+        _initialize(cfg)  # before anything else touches a JAX backend
     import jax
 
     from pact_jax import recipes
@@ -201,8 +229,7 @@ def run_merge(cfg: dict[str, Any]) -> int:
         raise UsageError(str(e)) from e
     if cfg["pact_args"] and not use_pact:
         raise UsageError(f"PACT hyperparameters {sorted(cfg['pact_args'])} given, but PACT is off (add --pact).")
-    if cfg.get("mesh"):
-        merge = _sharded(merge, cfg["mesh"])
+    mesh = _mesh(cfg["mesh"]) if cfg.get("mesh") else None
     key = jax.random.key(cfg.get("seed", 0))
     budget = cfg.get("budget_mib")
     progress = cfg.get("progress", True)
@@ -217,15 +244,31 @@ def run_merge(cfg: dict[str, Any]) -> int:
         output_format=cfg.get("output_format"),
         overwrite=bool(cfg.get("overwrite", False)),
         progress=progress,
+        mesh=mesh,
     )
     alpha = cfg.get("alpha", recipes.DEFAULT_ALPHA[cfg["method"]])
     what = f"{cfg['method']}{' + PACT' if use_pact else ''}, alpha {alpha}"
-    print(f"{what}\n{report.summary()}")
+    if jax.process_index() == 0:
+        where = f", {jax.process_count()} processes, mesh {dict(mesh.shape)}" if jax.process_count() > 1 else ""
+        print(f"{what}{where}\n{report.summary()}")
     return 0
 
 
-def _sharded(merge, spec: str):
-    """``merge`` run by :func:`pact_jax.sharding.shard_merge` over the mesh ``spec`` names."""
+def _initialize(cfg: dict[str, Any]) -> None:
+    """``jax.distributed.initialize`` with the addresses given, or detected (TPU, Slurm, Open MPI)."""
+    from pact_jax import sharding
+
+    try:
+        sharding.initialize(cfg.get("coordinator_address"), cfg.get("num_processes"), cfg.get("process_id"))
+    except ValueError as e:  # jax: the cluster could not be detected, or bad arguments
+        raise UsageError(
+            f"--distributed: {e} (outside Cloud TPU, Slurm and Open MPI give --coordinator-address, "
+            "--num-processes and --process-id)"
+        ) from e
+
+
+def _mesh(spec: str):
+    """The device mesh ``spec`` (``auto`` or ``TxL``) names, over every process's devices."""
     from pact_jax import sharding
 
     if spec == "auto":
@@ -238,10 +281,9 @@ def _sharded(merge, spec: str):
         if len(shape) != 2 or min(shape) < 1:
             raise UsageError(f"--mesh must be 'auto' or TASKSxLAYERS such as 2x4, got {spec!r}")
     try:
-        mesh = sharding.make_mesh(shape=shape)
+        return sharding.make_mesh(shape=shape)
     except ValueError as e:
         raise UsageError(f"--mesh {spec}: {e}") from e
-    return sharding.shard_merge(merge, mesh)
 
 
 # --------------------------------------------------------------------------

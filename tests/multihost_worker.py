@@ -2,12 +2,17 @@
 
     XLA_FLAGS=--xla_force_host_platform_device_count=4 \\
         python tests/multihost_worker.py COORDINATOR NUM_PROCESSES PROCESS_ID OUT_DIR
+    ... python tests/multihost_worker.py COORDINATOR NUM_PROCESSES PROCESS_ID cli merge ARGS...
 
 Every process builds the same tiny model from fixed keys, joins the
 ``jax.distributed`` cluster, merges on one global mesh of all processes'
 devices with :func:`pact_jax.sharding.shard_merge`, gathers the result with
 ``multihost_utils.process_allgather`` and process 0 writes
 ``OUT_DIR/<case>.npz`` (one array per leaf path).
+
+With ``cli``, the process instead runs ``pact-jax merge ARGS... --distributed``
+with the coordinator, process count and id given (a streamed merge of
+checkpoints on disk over the global mesh).
 
 Importing this module touches no JAX backend (the test imports :func:`model`
 and :data:`CASES` from it to compute the single-process reference).
@@ -77,6 +82,20 @@ def main(coordinator: str, num_processes: int, process_id: int, out_dir: Path) -
     print(f"process {process_id}: ok", flush=True)
 
 
+def cli_main(coordinator: str, num_processes: int, process_id: int, argv: list[str]) -> None:
+    """``pact-jax`` with ``argv`` as process ``process_id`` of a ``jax.distributed`` run."""
+    from pact_jax import cli
+
+    code = cli.main([*argv, "--distributed", "--coordinator-address", coordinator,
+                     "--num-processes", str(num_processes), "--process-id", str(process_id)])  # fmt: skip
+    print(f"process {process_id}: {len(jax.local_devices())} local of {len(jax.devices())} devices", flush=True)
+    assert code == 0, f"pact-jax exited with {code}"
+    print(f"process {process_id}: ok", flush=True)
+
+
 if __name__ == "__main__":
     coordinator, n, pid, out = sys.argv[1:5]
-    main(coordinator, int(n), int(pid), Path(out))
+    if out == "cli":
+        cli_main(coordinator, int(n), int(pid), sys.argv[5:])
+    else:
+        main(coordinator, int(n), int(pid), Path(out))

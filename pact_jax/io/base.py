@@ -72,6 +72,11 @@ class CheckpointReader(abc.ABC):
     """
 
     format: str = ""
+    #: ``read(paths, shardings=...)`` restores each leaf straight into its
+    #: ``jax.sharding.Sharding`` (every process reading only its devices'
+    #: shards). Readers without it load whole leaves to host memory; a merge
+    #: over a device mesh then places them itself.
+    reads_sharded: bool = False
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
@@ -122,6 +127,16 @@ class CheckpointWriter(abc.ABC):
     """
 
     format: str = ""
+    #: ``write`` takes global ``jax.Array`` leaves as they are: in a
+    #: multi-process run every process creates the writer and calls ``write``
+    #: and ``commit`` with the same leaves, each writing only its own devices'
+    #: shards. Writers without it need host values: a sharded merge gathers
+    #: each group to the host first, and in a multi-process run only process 0
+    #: writes (see :mod:`pact_jax.io.streaming`).
+    writes_global_arrays: bool = False
+    #: Without ``writes_global_arrays``: whether process 0 alone may write it
+    #: in a multi-process run (plain file I/O; no collectives inside).
+    runs_on_one_process: bool = True
 
     def __init__(self, path: str | os.PathLike, template: Mapping[str, jax.ShapeDtypeStruct]):
         self.path = Path(path)
@@ -175,13 +190,34 @@ class CheckpointWriter(abc.ABC):
 # Atomic publication
 
 
-def staging_path(dest: Path) -> Path:
+def staging_path(dest: Path, *, shared: bool = False) -> Path:
     """A fresh sibling of ``dest`` (same file system, so the final rename is atomic).
 
     Not a dot-file: orbax finds its pending partial saves with ``glob``, which
-    skips hidden names.
+    skips hidden names. With ``shared`` in a multi-process run, every process
+    gets process 0's name (a collective: every process must call it, in the
+    same order), so that they all write into one staging directory.
     """
-    return dest.parent / f"{dest.name}.pact-tmp-{uuid.uuid4().hex[:10]}"
+    token = uuid.uuid4().hex[:10]
+    if shared and jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        raw = np.frombuffer(bytes.fromhex(token), np.uint8)
+        token = bytes(np.asarray(multihost_utils.broadcast_one_to_all(raw))).hex()
+    return dest.parent / f"{dest.name}.pact-tmp-{token}"
+
+
+def is_primary_process() -> bool:
+    """Whether this is process 0 (always, without ``jax.distributed``)."""
+    return jax.process_index() == 0
+
+
+def sync_processes(name: str) -> None:
+    """A barrier across every process of a multi-process run; a no-op in a single process."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(f"pact_jax: {name}")
 
 
 def publish(staged: Path, dest: Path) -> None:

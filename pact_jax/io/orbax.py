@@ -12,7 +12,12 @@ leaf).
 
 Writing uses ``orbax.checkpoint.v1.partial``: each :meth:`Writer.write` call
 adds a disjoint group of leaves to a pending checkpoint, ``finalize`` commits
-it, and the finished directory is renamed into place. The result is an orbax
+it, and the finished directory is renamed into place. ``jax.Array`` leaves are
+saved as they are, sharded: in a multi-process run (``jax.distributed``) every
+process creates the writer and calls ``write``/``commit`` with the same global
+arrays and writes only its own shards (orbax's own barriers; NumPy leaves are
+written by process 0); all processes share one staging directory, which
+process 0 renames into place after ``finalize``, when every process is done. The result is an orbax
 v1 checkpoint: load it with ``ocp.v1.load(path)`` or
 ``pact_jax.io.load(path)`` (``ocp.StandardCheckpointer().restore(path + "/state")``
 also works).
@@ -36,9 +41,11 @@ from pact_jax.io.base import (
     CheckpointWriter,
     check_key_names,
     flatten,
+    is_primary_process,
     publish,
     remove,
     staging_path,
+    sync_processes,
     unflatten,
 )
 
@@ -79,6 +86,7 @@ def _restore_arg(sharding: jax.sharding.Sharding | None) -> ocp.RestoreArgs:
 
 class Reader(CheckpointReader):
     format = "orbax"
+    reads_sharded = True
 
     def __init__(self, path: str | os.PathLike):
         super().__init__(path)
@@ -129,25 +137,37 @@ class Reader(CheckpointReader):
 
 class Writer(CheckpointWriter):
     format = "orbax"
+    writes_global_arrays = True
 
     def __init__(self, path: str | os.PathLike, template: Mapping[str, jax.ShapeDtypeStruct], *, source=None):
         super().__init__(path, template)
         check_key_names(unflatten(self.template), str(self.path))
-        self._staged = staging_path(self.path.absolute())  # orbax wants absolute paths
+        # orbax wants absolute paths; every process writes into process 0's staging directory.
+        self._staged = staging_path(self.path.absolute(), shared=True)
 
     def _write(self, arrays: Mapping[str, Any]) -> None:
-        # jax.Arrays are saved as they are (sharded, from every host); anything
-        # else as an ndarray (orbax has no handler for NumPy scalars).
+        # jax.Arrays are saved as they are (sharded, each process its shards);
+        # anything else as an ndarray (orbax has no handler for NumPy scalars).
         tree = {p: a if isinstance(a, jax.Array) else np.asarray(a) for p, a in arrays.items()}
-        ocp_v1.partial.save(self._staged, unflatten(tree))
+        try:
+            ocp_v1.partial.save(self._staged, unflatten(tree))
+        except Exception as e:
+            raise CheckpointError(f"{self._staged}: orbax partial save of leaves {list(arrays)[:3]} failed ({e}).") from e
 
     def _commit(self) -> None:
         if not self.template:
             raise CheckpointError(f"{self.path}: nothing to write (empty template).")
-        ocp_v1.partial.finalize(self._staged)
-        publish(self._staged, self.path)
+        try:
+            ocp_v1.partial.finalize(self._staged)  # collective: process 0 merges and renames
+        except Exception as e:
+            raise CheckpointError(f"{self._staged}: orbax finalize failed ({e}).") from e
+        if is_primary_process():
+            publish(self._staged, self.path)
+        sync_processes(f"published {self.path}")
 
     def abort(self) -> None:
+        if not is_primary_process():  # the staging directory is process 0's to remove
+            return
         # orbax keeps pending partial saves in siblings named after the staging path.
         for p in self._staged.parent.glob(self._staged.name + "*"):
             remove(p)

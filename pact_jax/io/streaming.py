@@ -14,10 +14,18 @@ leaves as read, the float32 task vectors, the transform's output, the SVD
 workspace). Groups are sized so this estimate stays within ``budget_bytes``;
 a single leaf larger than the budget is merged alone and reported. The factor
 was measured with ``python -m benchmarks.streaming`` (benchmarks/RESULTS.md).
+
+Over a device mesh (``mesh=``, the CLI's ``--mesh``; several hosts with
+``jax.distributed``, the CLI's ``--distributed``) each group is restored
+straight into its target shardings (orbax inputs), merged by
+:func:`pact_jax.sharding.shard_merge` and written from the sharded arrays
+(orbax output), so no host holds a whole group, let alone the model; see
+docs/sharding.md for the formats that need host copies.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import resource
@@ -28,9 +36,20 @@ from typing import Any
 
 import jax
 import numpy as np
+from jax.sharding import Mesh
 
-from pact_jax.io import SUFFIXES, detect_format, open_reader, open_writer
-from pact_jax.io.base import CheckpointError, CheckpointReader, flatten, human_bytes, unflatten
+from pact_jax import sharding
+from pact_jax.io import FORMATS, SUFFIXES, detect_format, open_reader, open_writer
+from pact_jax.io.base import (
+    CheckpointError,
+    CheckpointReader,
+    CheckpointWriter,
+    flatten,
+    human_bytes,
+    is_primary_process,
+    sync_processes,
+    unflatten,
+)
 from pact_jax.tree import PactInputError, check_finite
 
 # Peak bytes of merging a group (its T+1 checkpoints' leaves as read included)
@@ -192,6 +211,7 @@ def merge_checkpoints(
     output_format: str | None = None,
     overwrite: bool = False,
     progress: bool | Callable[[Sequence[Any]], Any] = False,
+    mesh: Mesh | None = None,
 ) -> MergeReport:
     """Merges checkpoints on disk into a new checkpoint at ``output``.
 
@@ -212,6 +232,16 @@ def merge_checkpoints(
       overwrite: replace an existing ``output`` (atomically, on success).
       progress: ``True`` for a tqdm bar over groups, or a wrapper
         ``f(iterable) -> iterable``.
+      mesh: merge each group with :func:`pact_jax.sharding.shard_merge` over
+        this device mesh. Inputs whose reader has ``reads_sharded`` (orbax,
+        T5X orbax layout) are restored straight into the
+        :func:`~pact_jax.sharding.param_shardings` layout (each process
+        reading only its devices' shards); others are read on the host and
+        placed. Merged leaves stay sharded ``jax.Array`` s for a writer with
+        ``writes_global_arrays`` (orbax); for other formats each group is
+        gathered to the host. Required in a multi-process run
+        (``jax.distributed``), where every process calls this function with
+        the same arguments; see docs/sharding.md.
 
     Returns:
       A :class:`MergeReport`. Nothing is written at ``output`` unless the
@@ -233,23 +263,28 @@ def merge_checkpoints(
     alpha_kwarg = {} if alpha is None else {"alpha": alpha}
 
     fmt = output_format or (detect_format(out_path) if out_path.suffix in SUFFIXES else pre.format)
-    writer = open_writer(out_path, meta, fmt, source=pre, overwrite=overwrite)
-    iterate = _progress(progress, groups)
-    with writer:
-        if copied:
+    writes_global = _writer_class(fmt).writes_global_arrays
+    _check_processes(mesh, fmt)
+    # A writer without writes_global_arrays runs on process 0 alone in a multi-process run.
+    writer = open_writer(out_path, meta, fmt, source=pre, overwrite=overwrite) if writes_global or is_primary_process() else None
+    iterate = _progress(progress, groups) if is_primary_process() else groups
+    with writer if writer is not None else contextlib.nullcontext():
+        if copied and writer is not None:
             writer.write(pre.read(copied))
         for group in iterate:
-            w0 = pre.read(group)
-            check_finite(w0, str(pre.path))
-            tasks = []
-            for reader in fts:
-                leaves = reader.read(group)
-                check_finite(leaves, str(reader.path))
-                tasks.append(unflatten(leaves))
-            merged = merge(unflatten(w0), tasks, key=key, **alpha_kwarg)
-            writer.write({p: np.asarray(a) for p, a in flatten(merged).items()})
-            del w0, tasks, merged
-        writer.commit()
+            targets = None if mesh is None else sharding.param_shardings({p: meta[p] for p in group}, mesh)
+            w0 = _read(pre, group, targets)
+            tasks = [unflatten(_read(reader, group, targets)) for reader in fts]
+            merged = flatten(_group_merge(merge, mesh)(unflatten(w0), tasks, key=key, **alpha_kwarg))
+            del w0, tasks
+            if not (writes_global and mesh is not None):
+                merged = _to_host(merged)
+            if writer is not None:
+                writer.write(merged)
+            del merged
+        if writer is not None:
+            writer.commit()
+    sync_processes(f"merged into {out_path}")
     for r in (pre, *fts):
         r.close()
     return MergeReport(
@@ -265,6 +300,64 @@ def merge_checkpoints(
         seconds=time.perf_counter() - start,
         peak_rss_bytes=peak_rss_bytes(),
     )
+
+
+def _writer_class(fmt: str) -> type[CheckpointWriter]:
+    """The writer class of ``fmt`` (read for its capabilities before any writer is opened)."""
+    import pact_jax.io
+
+    if fmt not in FORMATS:
+        raise CheckpointError(f"unknown checkpoint format {fmt!r}; choose one of {FORMATS}.")
+    return getattr(pact_jax.io, fmt).Writer
+
+
+def _check_processes(mesh: Mesh | None, fmt: str) -> None:
+    """A multi-process run needs a global mesh and an output format it can write."""
+    if jax.process_count() == 1:
+        return
+    if mesh is None:
+        raise ValueError(
+            f"this is process {jax.process_index()} of {jax.process_count()} (jax.distributed): pass mesh= "
+            "(e.g. pact_jax.sharding.make_mesh()), so that the processes share the merge instead of repeating it."
+        )
+    w = _writer_class(fmt)
+    if not w.writes_global_arrays and not w.runs_on_one_process:
+        raise CheckpointError(
+            f"the {fmt!r} output format cannot be written by a multi-process run (its writer needs every "
+            "process but takes host values); write orbax, msgpack or safetensors output instead."
+        )
+
+
+def _group_merge(merge: Callable[..., Any], mesh: Mesh | None) -> Callable[..., Any]:
+    """``merge``, or a fresh :func:`~pact_jax.sharding.shard_merge` of it for one group.
+
+    A sharded merge is one ``jax.jit`` program per group (its tree, named by
+    leaf paths, differs from every other group's); a fresh wrapper per group
+    lets JAX free each group's trace and executable with it instead of
+    caching all of them until the merge ends.
+    """
+    if mesh is None:
+        return merge
+    return sharding.shard_merge(merge, mesh, check_inputs=False)  # inputs were checked when read, naming the file
+
+
+def _read(reader: CheckpointReader, paths: Sequence[str], targets: Mapping[str, Any] | None) -> dict[str, Any]:
+    """``paths`` from ``reader``, restored into ``targets`` shardings where the reader can; NaN/Inf checked."""
+    if targets is not None and reader.reads_sharded:
+        leaves = reader.read(paths, shardings=targets)  # type: ignore[call-arg]
+    else:
+        leaves = reader.read(paths)
+    check_finite(leaves, str(reader.path))
+    return leaves
+
+
+def _to_host(arrays: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """Host NumPy copies of one group; sharded over several processes: gathered to every process."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        arrays = multihost_utils.process_allgather(dict(arrays), tiled=True)
+    return {p: np.asarray(a) for p, a in arrays.items()}
 
 
 def _progress(progress, groups):

@@ -476,6 +476,7 @@ def _restore_arg(meta: Any, sharding: jax.sharding.Sharding | None = None, *, ar
 
 class _OrbaxReader(Reader):
     layout = ORBAX
+    reads_sharded = True  # ArrayRestoreArgs: each process restores its devices' shards
 
     def __init__(self, path: str | os.PathLike):
         import orbax.checkpoint as ocp
@@ -576,6 +577,10 @@ class Writer(CheckpointWriter):
 
     format = "t5x"
     layout = ""
+    # The orbax layout saves through orbax, whose saves are collective over
+    # every process: not from process 0 alone. Merged groups arrive as host
+    # values (a sharded merge gathers them).
+    runs_on_one_process = False
 
     def __new__(cls, path, template, *, source=None):
         if cls is Writer:
