@@ -8,8 +8,9 @@ stacked -> delta, and :func:`chain` composes them into a merge function.
 from pact_jax import runtime
 
 # Before any JAX computation starts the CPU backend: jaxlib 0.10 deadlocks on a
-# small CPU thread pool (see pact_jax/runtime.py).
-runtime.configure_cpu_pool()
+# small CPU thread pool, and nested OpenBLAS threads make CPU SVDs 10-100x
+# slower (see pact_jax/runtime.py).
+runtime.configure_cpu_runtime()
 
 from pact_jax import linalg, merges  # noqa: E402
 from pact_jax.chain import chain  # noqa: E402

@@ -10,10 +10,22 @@ Measured here (2 cores, one device): the PACT + TSV-M merge of one ViT-B/32
 block at T = 8 hung with all threads idle on the default 2-thread pool, and
 ran to completion with 8 threads. A larger pool costs only idle threads.
 
-``PJRT_NPROC`` is read when the CPU backend starts (the first computation),
-so :func:`configure_cpu_pool` runs when :mod:`pact_jax` is imported; a value
-the user has set is kept. If the backend already started, nothing changes:
-set ``PJRT_NPROC`` in the environment then (see ``docs/sharding.md``).
+Each of those sub-tasks calls LAPACK from the OpenBLAS bundled with SciPy,
+which by default starts one thread per core for every call: nested in the
+pool, the threads oversubscribe the cores. Measured here (2 cores, PACT +
+TSV-M, T = 8, 8 layers of 128 x 128, one process per setting): 13.8 s per
+merge with OpenBLAS's default threads against 0.29 s with one thread (task
+arithmetic after PACT: over 60 s against 0.17 s); the pool size itself (3 or
+11 threads) made no difference with one BLAS thread.
+
+Both variables are read late: ``PJRT_NPROC`` when the CPU backend starts (the
+first computation), ``OPENBLAS_NUM_THREADS`` when jaxlib first loads SciPy's
+OpenBLAS (the first SVD). So :func:`configure_cpu_runtime` runs when
+:mod:`pact_jax` is imported and sets them unless the user has; a value the
+user set is kept. If JAX already computed (or SciPy's LAPACK was used) before
+the import, set them in the environment instead (see ``docs/sharding.md``).
+One BLAS thread also applies to SciPy's own ``scipy.linalg`` calls in the
+process; NumPy's separate OpenBLAS, loaded with NumPy, keeps its threads.
 """
 
 from __future__ import annotations
@@ -21,7 +33,7 @@ from __future__ import annotations
 import os
 import re
 
-__all__ = ["configure_cpu_pool", "cpu_pool_size"]
+__all__ = ["configure_cpu_runtime", "cpu_pool_size"]
 
 _DEVICE_COUNT = re.compile(r"--xla_force_host_platform_device_count=(\d+)")
 
@@ -33,6 +45,11 @@ def cpu_pool_size(xla_flags: str = "", cpu_count: int | None = None) -> int:
     return devices + (cpu_count or os.cpu_count() or 1) + 8
 
 
-def configure_cpu_pool() -> str:
-    """Sets ``PJRT_NPROC`` to :func:`cpu_pool_size` unless already set; returns its value."""
-    return os.environ.setdefault("PJRT_NPROC", str(cpu_pool_size(os.environ.get("XLA_FLAGS", ""))))
+def configure_cpu_runtime() -> dict[str, str]:
+    """Sets ``PJRT_NPROC`` (:func:`cpu_pool_size`) and ``OPENBLAS_NUM_THREADS=1``
+    unless already set; returns both values."""
+    pool = str(cpu_pool_size(os.environ.get("XLA_FLAGS", "")))
+    return {
+        "PJRT_NPROC": os.environ.setdefault("PJRT_NPROC", pool),
+        "OPENBLAS_NUM_THREADS": os.environ.setdefault("OPENBLAS_NUM_THREADS", "1"),
+    }

@@ -14,21 +14,24 @@ def test_pool_size_counts_virtual_devices_and_cores():
     assert runtime.cpu_pool_size("--foo --xla_force_host_platform_device_count=8", cpu_count=2) == 8 + 2 + 8
 
 
-def _pjrt_nproc_after_import(env: dict[str, str]) -> str:
-    code = "import os, pact_jax; print(os.environ['PJRT_NPROC'])"
+_VARS = ("PJRT_NPROC", "OPENBLAS_NUM_THREADS", "XLA_FLAGS")
+
+
+def _after_import(env: dict[str, str]) -> list[str]:
+    code = "import os, pact_jax; print(os.environ['PJRT_NPROC'], os.environ['OPENBLAS_NUM_THREADS'])"
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-    return out.stdout.strip()
+    return out.stdout.split()
 
 
-def test_import_sets_pjrt_nproc_and_keeps_a_user_value():
-    env = {k: v for k, v in os.environ.items() if k not in ("PJRT_NPROC", "XLA_FLAGS")}
-    assert _pjrt_nproc_after_import(env) == str(runtime.cpu_pool_size(""))
-    assert _pjrt_nproc_after_import({**env, "PJRT_NPROC": "5"}) == "5"
+def test_import_sets_the_cpu_runtime_and_keeps_user_values():
+    env = {k: v for k, v in os.environ.items() if k not in _VARS}
+    assert _after_import(env) == [str(runtime.cpu_pool_size("")), "1"]
+    assert _after_import({**env, "PJRT_NPROC": "5", "OPENBLAS_NUM_THREADS": "2"}) == ["5", "2"]
 
 
 def test_import_makes_the_cpu_pool_larger_than_the_cores():
     # The pool is sized when the backend starts; count its worker threads.
-    env = {k: v for k, v in os.environ.items() if k not in ("PJRT_NPROC", "XLA_FLAGS")}
+    env = {k: v for k, v in os.environ.items() if k not in _VARS}
     code = (
         "import pact_jax, jax.numpy as jnp, os\n"
         "(jnp.ones((64, 64)) @ jnp.ones((64, 64))).block_until_ready()\n"
@@ -37,3 +40,22 @@ def test_import_makes_the_cpu_pool_larger_than_the_cores():
     )
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert int(out.stdout.strip()) >= runtime.cpu_pool_size("")
+
+
+def test_jaxlib_lapack_runs_with_one_openblas_thread():
+    # The setting must reach the OpenBLAS that jaxlib's LAPACK loads (SciPy's), i.e. be
+    # in place before the first SVD: count that library's threads after one.
+    env = {k: v for k, v in os.environ.items() if k not in _VARS}
+    code = (
+        "import pact_jax, jax.numpy as jnp, os\n"
+        "jnp.linalg.svd(jnp.ones((256, 256)))[1].block_until_ready()\n"
+        "maps = open('/proc/self/maps').read()\n"
+        "print('scipy_openblas' in maps or 'openblas' in maps.lower())\n"
+        "import threadpoolctl\n"
+        "info = [i for i in threadpoolctl.threadpool_info() if 'scipy.libs' in i['filepath']]\n"
+        "print(info[0]['num_threads'] if info else 'none')"
+    )
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    loaded, threads = out.stdout.split()
+    assert loaded == "True"
+    assert threads == "1", out.stdout
