@@ -68,9 +68,11 @@ def pact_subspace(m: int, n: int, t: int, p: dict, method: str) -> float:
     return work + t * (matmul(c, m, n) + matmul(m, c, n))
 
 
-def tsv(m: int, n: int, t: int) -> float:
-    c = t * tsv_rank(m, n, t)
-    return t * svd(m, n) + polar(m, c) + polar(n, c) + matmul(m, c, n)
+def tsv(m: int, n: int, t: int, method: str = "exact", oversample: int = 10, power_iters: int = 2) -> float:
+    k = tsv_rank(m, n, t)
+    c = t * k
+    work = t * truncated_svd(m, n, k, method, oversample, power_iters)
+    return work + polar(m, c) + polar(n, c) + matmul(m, c, n)
 
 
 def iso_cts(m: int, n: int, t: int, common_fraction: float) -> float:
@@ -90,7 +92,7 @@ def merge_flops(spec: ModelSpec, tasks: int, recipe: Recipe, method: str) -> flo
     for _, m, n in matrix_views(spec):
         total += pact_subspace(m, n, tasks, recipe.pact, method)
         if recipe.method == "tsv":
-            total += tsv(m, n, tasks)
+            total += tsv(m, n, tasks, method, recipe.pact["oversample"], recipe.pact["power_iters"])
         else:
             total += iso_cts(m, n, tasks, recipe.merger["common_fraction"])
     return total

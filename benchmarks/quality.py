@@ -35,7 +35,6 @@ import dataclasses
 import datetime
 import functools
 import inspect
-import json
 import os
 import platform
 import sys

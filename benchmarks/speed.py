@@ -260,11 +260,14 @@ def _pact_jax_merge(spec, recipe, svd: str):
     from benchmarks.models import rules_for
     from pact_jax import recipes
 
+    # The randomized path randomizes every SVD of which only top factors are used:
+    # PACT's steps 1-2 and TSV-M's per-task truncation (Iso-CTS needs the full spectrum).
+    merger = {**recipe.merger, **({"svd": svd} if recipe.method == "tsv" else {})}
     return recipes.make_merge(
         recipe.method,
         use_pact=True,
         pact_kwargs={**recipe.pact, "svd": svd},
-        method_kwargs=recipe.merger,
+        method_kwargs=merger,
         alpha=recipe.alpha,
         rules=rules_for(spec),
     )
@@ -362,6 +365,11 @@ def _load(path: Path) -> dict:
 
 def run_child(payload: dict) -> None:
     """Builds one dataset and measures its jobs; prints one JSON line per job."""
+    # Before the first JAX computation (building the models): pact_jax's CPU runtime
+    # settings (pact_jax/runtime.py) only apply then. Without them the pact_jax
+    # merge of one ViT-B/32 block at T = 8 hung here. NumPy (imported first by
+    # pact_jax.runtime) and torch keep their default BLAS threads.
+    import pact_jax  # noqa: F401
     import jax
 
     from benchmarks import baselines

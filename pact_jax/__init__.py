@@ -12,11 +12,11 @@ from pact_jax import runtime
 # slower (see pact_jax/runtime.py).
 runtime.configure_cpu_runtime()
 
-from pact_jax import linalg, merges  # noqa: E402
-from pact_jax.chain import chain  # noqa: E402
-from pact_jax.linalg import randomized_svd  # noqa: E402
-from pact_jax.pact import lbw_statistics, pact  # noqa: E402
-from pact_jax.tree import (  # noqa: E402
+from pact_jax import linalg, merges
+from pact_jax.chain import chain
+from pact_jax.linalg import randomized_svd
+from pact_jax.pact import lbw_statistics, pact
+from pact_jax.tree import (
     DEFAULT_RULES,
     LeafRules,
     PactInputError,

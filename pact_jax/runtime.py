@@ -25,13 +25,18 @@ OpenBLAS (the first SVD). So :func:`configure_cpu_runtime` runs when
 user set is kept. If JAX already computed (or SciPy's LAPACK was used) before
 the import, set them in the environment instead (see ``docs/sharding.md``).
 One BLAS thread also applies to SciPy's own ``scipy.linalg`` calls in the
-process; NumPy's separate OpenBLAS, loaded with NumPy, keeps its threads.
+process; NumPy's separate OpenBLAS keeps its threads (this module imports
+NumPy before setting the variable).
 """
 
 from __future__ import annotations
 
 import os
 import re
+
+# NumPy loads its own OpenBLAS, which reads OPENBLAS_NUM_THREADS once, on import:
+# importing it before setting the variable keeps the user's NumPy multithreaded.
+import numpy  # noqa: F401
 
 __all__ = ["configure_cpu_runtime", "cpu_pool_size"]
 
