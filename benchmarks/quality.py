@@ -49,6 +49,7 @@ import numpy as np
 
 import pact_jax
 from pact_jax import recipes
+from pact_jax.pact import DEFAULT_STRENGTH
 from benchmarks import report, vit
 from benchmarks import zoo as zoo_mod
 
@@ -282,10 +283,11 @@ def evaluate_zoo(
 # Ablation of PACT's hyperparameters (validation split only)
 
 
-def _pact_defaults() -> dict[str, Any]:
-    return {
+def _pact_defaults(perspective: str) -> dict[str, Any]:
+    defaults = {
         k: p.default for k, p in inspect.signature(pact_jax.pact).parameters.items() if p.default is not p.empty
     }
+    return {**defaults, "strength": DEFAULT_STRENGTH[perspective]}
 
 
 def ablation_settings(cfg: QualityConfig, method: str) -> list[tuple[str, Any, dict[str, Any]]]:
@@ -298,7 +300,7 @@ def ablation_settings(cfg: QualityConfig, method: str) -> list[tuple[str, Any, d
     then the pairs of changes in ``cfg.*_combos`` (hyperparameter
     ``'combination'``).
     """
-    defaults = _pact_defaults()
+    defaults = _pact_defaults(recipes.default_perspective(method))
     rows: list[tuple[str, Any, dict[str, Any]]] = [("(defaults)", "", {})]
 
     def add(grid: Mapping[str, tuple[Any, ...]]) -> None:

@@ -56,7 +56,15 @@ from pact_jax.tree import (
 Perspective = Literal["subspace", "scalar"]
 Side = Literal["left", "right", "both"]
 
-__all__ = ["pact", "lbw_statistics", "resolve_rank"]
+__all__ = ["DEFAULT_STRENGTH", "lbw_statistics", "pact", "resolve_rank"]
+
+# ``strength=None`` per perspective, from the quality benchmark's ablation
+# (benchmarks/results_ablation.md, T = 8, validation): with the subspace
+# perspective every stronger removal lowered TA / TSV-M / Iso-CTS on our zoo,
+# and 0.1 was the only setting at or above "no PACT" for all three on all 3
+# seeds (+0.0 to +0.3 points: within noise). The scalar perspective (TIES)
+# was best at full strength.
+DEFAULT_STRENGTH: dict[str, float] = {"subspace": 0.1, "scalar": 1.0}
 
 
 def resolve_rank(value: int | float, m: int, n: int, name: str, path: str) -> int:
@@ -283,6 +291,8 @@ def _settings(**kw: Any) -> dict[str, Any]:
     if kw["svd"] == "randomized" and kw["perspective"] == "subspace" and kw["key"] is None:
         raise ValueError("svd='randomized' needs a PRNG key: pact(..., key=jax.random.key(0)).")
     check_fraction(kw["align_threshold"], "align_threshold")
+    if kw["strength"] is None:
+        kw["strength"] = DEFAULT_STRENGTH[kw["perspective"]]
     check_fraction(kw["strength"], "strength", allow_zero=True)
     check_fraction(kw["weight_fraction"], "weight_fraction")
     check_fraction(kw["anchor_fraction"], "anchor_fraction")
@@ -305,7 +315,7 @@ def pact(
     side: Side = "left",
     weight_fraction: float = 0.1,
     anchor_fraction: float = 0.5,
-    strength: float = 1.0,
+    strength: float | None = None,
     exclude_self: bool = True,
     svd: linalg.SvdMethod = "exact",
     key: jax.Array | None = None,
@@ -333,7 +343,8 @@ def pact(
       anchor_fraction: scalar perspective, bottom fraction of ``|tau_t|``
         counted as anchored.
       strength: how much of the LBW component is removed, in ``[0, 1]``;
-        0 is the identity.
+        0 is the identity. ``None``: :data:`DEFAULT_STRENGTH` of the
+        perspective (0.1 subspace, 1.0 scalar; set from the ablation).
       exclude_self: protect task ``t``'s LBW only in the *other* tasks' vectors.
       svd: ``'exact'`` or ``'randomized'`` for steps 1-2.
       key: PRNG key, required for ``svd='randomized'``; each leaf uses

@@ -512,6 +512,19 @@ def test_strength_zero_is_the_identity(perspective):
     chex.assert_trees_all_close(got, stacked, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("perspective", ["subspace", "scalar"])
+def test_default_strength_depends_on_the_perspective(perspective):
+    from pact_jax.pact import DEFAULT_STRENGTH
+
+    assert DEFAULT_STRENGTH == {"subspace": 0.1, "scalar": 1.0}
+    pre, stacked = property_tree(n_tasks=3)
+    kw = dict(perspective=perspective, **PROPERTY_KW)
+    explicit = pact_jax.pact(pre, stacked, strength=DEFAULT_STRENGTH[perspective], **kw)
+    chex.assert_trees_all_close(pact_jax.pact(pre, stacked, **kw), explicit, rtol=0, atol=0)
+    other = pact_jax.pact(pre, stacked, strength=0.5, **kw)
+    assert not all(np.array_equal(a, b) for a, b in zip(jax.tree_util.tree_leaves(other), jax.tree_util.tree_leaves(explicit)))
+
+
 def test_single_task_with_exclude_self_is_the_identity():
     w0, taus = make_case(6, TALL, 1)
     pre, stacked = one_leaf(w0, taus)
