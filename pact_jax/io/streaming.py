@@ -13,7 +13,12 @@ Memory: a group of ``n`` float elements per task costs about
 leaves as read, the float32 task vectors, the transform's output, the SVD
 workspace). Groups are sized so this estimate stays within ``budget_bytes``;
 a single leaf larger than the budget is merged alone and reported. The factor
-was measured with ``python -m benchmarks.streaming`` (benchmarks/RESULTS.md).
+was measured with ``python -m benchmarks.streaming`` (benchmarks/RESULTS.md),
+which also measures the bound: once the runtime is warm (programs compiled
+for the group shapes) and the inputs are opened, peak RSS stays within about
+1.3x the budget for models 1x to 8x the budget, given
+:func:`limit_malloc_retention` (on by default). Opening the inputs costs
+memory inside orbax per leaf and checkpoint (RESULTS.md).
 
 Over a device mesh (``mesh=``, the CLI's ``--mesh``; several hosts with
 ``jax.distributed``, the CLI's ``--distributed``) each group is restored
@@ -26,6 +31,8 @@ docs/sharding.md for the formats that need host copies.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import dataclasses
 import os
 import resource
@@ -56,6 +63,36 @@ from pact_jax.tree import PactInputError, check_finite
 # / bytes of its float32 stacked task vectors. Sampled RSS, T=8, 16 leaves of
 # 128x128, after a warm-up: PACT(scalar) + TIES 3.6, PACT(subspace) + TSV 4.7.
 WORKING_SET_FACTOR = 5.0
+
+# glibc's malloc: blocks from this size up are mmap-ed and unmapped when freed.
+MMAP_THRESHOLD_BYTES = 128 << 10
+_M_MMAP_THRESHOLD = -3  # mallopt parameter, <malloc.h>
+
+
+def limit_malloc_retention(threshold_bytes: int = MMAP_THRESHOLD_BYTES) -> bool:
+    """Makes glibc's malloc give freed large blocks back to the system.
+
+    By default glibc raises its mmap threshold to the size of each large block
+    freed (up to 32 MiB), after which blocks of that size come from its heaps
+    (one per thread, and XLA and tensorstore run many threads), and freed
+    memory stays in them. A streamed merge frees a group's buffers after every
+    group, in sizes that vary from group to group, so RSS crept up group after
+    group (benchmarks/RESULTS.md: +114 MiB over 43 groups with a 32 MiB
+    budget, though no array outlived its group). ``mallopt(M_MMAP_THRESHOLD,
+    threshold_bytes)`` fixes the threshold: blocks of ``threshold_bytes`` and
+    more are mmap-ed and returned on ``free``. The setting is process-wide;
+    the environment variable ``MALLOC_MMAP_THRESHOLD_`` does the same.
+
+    Returns:
+      ``True`` if set; ``False`` where the C library is not glibc (macOS,
+      musl: nothing done).
+    """
+    try:
+        mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    return bool(mallopt(_M_MMAP_THRESHOLD, int(threshold_bytes)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -212,6 +249,7 @@ def merge_checkpoints(
     overwrite: bool = False,
     progress: bool | Callable[[Sequence[Any]], Any] = False,
     mesh: Mesh | None = None,
+    limit_malloc: bool = True,
 ) -> MergeReport:
     """Merges checkpoints on disk into a new checkpoint at ``output``.
 
@@ -242,12 +280,17 @@ def merge_checkpoints(
         gathered to the host. Required in a multi-process run
         (``jax.distributed``), where every process calls this function with
         the same arguments; see docs/sharding.md.
+      limit_malloc: call :func:`limit_malloc_retention` first (glibc; a
+        process-wide setting), without which RSS creeps up with the number
+        of groups although nothing outlives its group.
 
     Returns:
       A :class:`MergeReport`. Nothing is written at ``output`` unless the
       whole merge succeeds.
     """
     start = time.perf_counter()
+    if limit_malloc:
+        limit_malloc_retention()
     pre_path = Path(pretrained)
     ft_paths = [Path(p) for p in finetuned]
     out_path = Path(output)
