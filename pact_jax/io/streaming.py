@@ -15,8 +15,8 @@ workspace). Groups are sized so this estimate stays within ``budget_bytes``;
 a single leaf larger than the budget is merged alone and reported. The factor
 was measured with ``python -m benchmarks.streaming`` (benchmarks/RESULTS.md),
 which also measures the bound: once the runtime is warm (programs compiled
-for the group shapes) and the inputs are opened, peak RSS stays within about
-1.3x the budget for models 1x to 8x the budget, given
+for the group shapes) and the inputs are opened, peak RSS stays within 2x
+the budget for models 1x to 8x the budget, given
 :func:`limit_malloc_retention` (on by default). Opening the inputs costs
 memory inside orbax per leaf and checkpoint (RESULTS.md).
 
