@@ -92,7 +92,11 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--method", choices=recipes.METHODS)
     m.add_argument("--pact", action=argparse.BooleanOptionalAction, default=None, help="PACT pre-processing (default: off)")
     m.add_argument("--alpha", type=float, help="scaling of the merged delta (default per method)")
-    m.add_argument("--svd", choices=("exact", "randomized"), help="SVD used by PACT (default exact)")
+    m.add_argument(
+        "--svd", choices=("exact", "randomized"),
+        help="SVD of PACT's top-k / top-r factors and of TSV-M's per-task truncation (default exact; "
+        "randomized uses --seed)",
+    )
     m.add_argument("--seed", type=int, help="seed of the PRNG key for DARE / randomized SVD (default 0)")
     m.add_argument("--output", help="where to write the merged checkpoint")
     m.add_argument("--format", choices=io.FORMATS, help="input format (default: detected)")
@@ -189,7 +193,11 @@ def merge_settings(args: argparse.Namespace) -> dict[str, Any]:
     if cfg.get("svd") not in (None, "exact", "randomized"):
         raise UsageError(f"svd must be 'exact' or 'randomized', got {cfg['svd']!r}")
     if cfg.get("svd"):
-        cfg["pact_args"].setdefault("svd", cfg["svd"])
+        # Every SVD of which only top factors are used: PACT's, and TSV-M's truncation.
+        if cfg.get("pact"):
+            cfg["pact_args"].setdefault("svd", cfg["svd"])
+        if cfg["method"] == "tsv":
+            cfg["method_args"].setdefault("svd", cfg["svd"])
     given = [k for k in _DISTRIBUTED_KEYS if cfg.get(k) is not None]
     if given and not cfg.get("distributed"):
         raise UsageError(f"{', '.join('--' + k.replace('_', '-') for k in given)} need(s) --distributed")

@@ -45,6 +45,18 @@ def test_merge_with_flags_equals_python_api(tmp_path, capsys, tiny_checkpoints):
     assert_params_close(io.load(tmp_path / "out"), want)
 
 
+@pytest.mark.parametrize("use_pact", [False, True])
+def test_svd_randomized_applies_to_pact_and_tsv(tmp_path, capsys, tiny_checkpoints, use_pact):
+    pre_dir, ft_dirs, pre, fts = tiny_checkpoints
+    flags = ["--pact"] if use_pact else []
+    code, _, err = run(capsys, *merge_args(pre_dir, ft_dirs, tmp_path / "out", "--method", "tsv", "--svd",
+                                           "randomized", "--seed", "3", *flags))  # fmt: skip
+    assert code == 0, err
+    want = recipes.make_merge("tsv", use_pact=use_pact, pact_kwargs={"svd": "randomized"} if use_pact else None,
+                              method_kwargs={"svd": "randomized"})(pre, fts, key=jax.random.key(3))  # fmt: skip
+    assert_params_close(io.load(tmp_path / "out"), want)
+
+
 def test_merge_from_yaml_config_with_flag_override(tmp_path, capsys, tiny_checkpoints):
     pre_dir, ft_dirs, pre, fts = tiny_checkpoints
     config = {
