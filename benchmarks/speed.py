@@ -193,7 +193,8 @@ def custom_grid(args) -> tuple[list[Cell], list[str]]:
 # Memory
 
 
-def _status_kib(field: str) -> int:
+def status_kib(field: str) -> int:
+    """A ``/proc/self/status`` field in KiB (``VmRSS``, ``VmHWM``, ...)."""
     with open("/proc/self/status") as f:
         for line in f:
             if line.startswith(field + ":"):
@@ -211,7 +212,7 @@ class PeakRSS:
 
     def __enter__(self) -> PeakRSS:
         gc.collect()
-        self.before = _status_kib("VmRSS") * 1024
+        self.before = status_kib("VmRSS") * 1024
         self._stop = threading.Event()
         self._sampled = self.before
         try:
@@ -226,12 +227,12 @@ class PeakRSS:
 
     def _sample(self) -> None:
         while not self._stop.is_set():
-            self._sampled = max(self._sampled, _status_kib("VmRSS") * 1024)
+            self._sampled = max(self._sampled, status_kib("VmRSS") * 1024)
             time.sleep(0.001)
 
     def __exit__(self, *exc) -> None:
         if self.method == "VmHWM":
-            self.peak = _status_kib("VmHWM") * 1024
+            self.peak = status_kib("VmHWM") * 1024
         else:
             self._stop.set()
             self._thread.join()

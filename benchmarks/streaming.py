@@ -40,6 +40,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchmarks.speed import status_kib
+
 MIB = 2**20
 
 
@@ -88,14 +90,6 @@ def _merge_fn(method: str):
 
     # PACT in the perspective the method calls for (scalar for ties, subspace for tsv).
     return recipes.make_merge(method, use_pact=True, alpha=0.5)
-
-
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"no {field} in /proc/self/status")
 
 
 def reset_peak_rss() -> None:
@@ -152,7 +146,7 @@ def run_merge(
     return {
         "budget": budget,
         "baseline": baseline,
-        "peak": _status_kib("VmHWM") * 1024,
+        "peak": status_kib("VmHWM") * 1024,
         "end": _rss_now(),
         "opened": samples[0],
         "first_group": samples[1] if len(samples) > 1 else samples[0],

@@ -93,8 +93,9 @@ def test_numpy_randomized_is_close_to_exact():
     w0 = pre[path]
     tau = np.stack([ft[path] - w0 for ft in fts])
     rng = np.random.default_rng(0)
-    exact = baselines.np_pact_subspace(w0, tau, rec.pact, "exact", rng)
-    approx = baselines.np_pact_subspace(w0, tau, rec.pact, "randomized", rng)
+    p = {**rec.pact, "strength": 1.0}  # full removal: the default 0.1 removes too little to test
+    exact = baselines.np_pact_subspace(w0, tau, p, "exact", rng)
+    approx = baselines.np_pact_subspace(w0, tau, p, "randomized", rng)
     assert np.linalg.norm(exact - approx) <= 1e-3 * np.linalg.norm(tau)
     assert np.linalg.norm(exact - tau) > 1e-2 * np.linalg.norm(tau), "PACT removed nothing: the test is vacuous"
 
