@@ -43,8 +43,8 @@ import shutil
 import tempfile
 import unicodedata
 import zipfile
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 import flax.linen as nn
 import jax
@@ -68,7 +68,7 @@ class MiniLMConfig:
     eps: float = 1e-12
 
     @classmethod
-    def from_hf(cls, cfg: dict) -> "MiniLMConfig":
+    def from_hf(cls, cfg: dict) -> MiniLMConfig:
         assert cfg.get("hidden_act", "gelu") == "gelu", cfg.get("hidden_act")
         assert cfg.get("position_embedding_type", "absolute") == "absolute"
         return cls(

