@@ -188,18 +188,14 @@ def merged_delta(
     ``svd='randomized'`` in ``pact_kwargs`` also randomizes TSV-M's truncated
     SVDs (the randomized path of the speed benchmark), as ``pact-jax merge --svd`` does.
     """
-    method_kwargs = dict(METHOD_KWARGS.get(method, {}))
-    if method == "tsv" and (pact_kwargs or {}).get("svd") == "randomized":
-        method_kwargs["svd"] = "randomized"
-    merge = recipes.make_merge(
-        method,
+    recipe = dict(
         use_pact=use_pact,
         pact_kwargs=dict(pact_kwargs or {}) if use_pact else None,
-        method_kwargs=method_kwargs,
-        rules=vit.MERGE_RULES,
+        method_kwargs=METHOD_KWARGS.get(method, {}),
+        svd=(pact_kwargs or {}).get("svd"),
     )
-    randomized = recipes.needs_key(method, use_pact=use_pact, pact_kwargs=pact_kwargs, method_kwargs=method_kwargs)
-    key = merge_key(ev.seed, method) if randomized else None
+    merge = recipes.make_merge(method, rules=vit.MERGE_RULES, **recipe)
+    key = merge_key(ev.seed, method) if recipes.needs_key(method, **recipe) else None
     return jax.block_until_ready(merge.delta(ev.pre, ev.fts, key=key))
 
 

@@ -261,14 +261,14 @@ def _pact_jax_merge(spec, recipe, svd: str):
     from benchmarks.models import rules_for
     from pact_jax import recipes
 
-    # The randomized path randomizes every SVD of which only top factors are used:
-    # PACT's steps 1-2 and TSV-M's per-task truncation (Iso-CTS needs the full spectrum).
-    merger = {**recipe.merger, **({"svd": svd} if recipe.method == "tsv" else {})}
+    # ``svd`` reaches every SVD of which only top factors are used: PACT's steps 1-2
+    # and TSV-M's per-task truncation (Iso-CTS needs the full spectrum).
     return recipes.make_merge(
         recipe.method,
         use_pact=True,
-        pact_kwargs={**recipe.pact, "svd": svd},
-        method_kwargs=merger,
+        pact_kwargs=recipe.pact,
+        method_kwargs=recipe.merger,
+        svd=svd,
         alpha=recipe.alpha,
         rules=rules_for(spec),
     )

@@ -192,12 +192,6 @@ def merge_settings(args: argparse.Namespace) -> dict[str, Any]:
         raise UsageError(f"unknown method {cfg['method']!r}; choose one of {list(recipes.METHODS)}")
     if cfg.get("svd") not in (None, "exact", "randomized"):
         raise UsageError(f"svd must be 'exact' or 'randomized', got {cfg['svd']!r}")
-    if cfg.get("svd"):
-        # Every SVD of which only top factors are used: PACT's, and TSV-M's truncation.
-        if cfg.get("pact"):
-            cfg["pact_args"].setdefault("svd", cfg["svd"])
-        if cfg["method"] == "tsv":
-            cfg["method_args"].setdefault("svd", cfg["svd"])
     given = [k for k in _DISTRIBUTED_KEYS if cfg.get(k) is not None]
     if given and not cfg.get("distributed"):
         raise UsageError(f"{', '.join('--' + k.replace('_', '-') for k in given)} need(s) --distributed")
@@ -232,6 +226,7 @@ def run_merge(cfg: dict[str, Any]) -> int:
             method_kwargs=cfg["method_args"],
             alpha=cfg.get("alpha"),
             rules=_rules(cfg["rules"]),
+            svd=cfg.get("svd"),
         )
     except ValueError as e:
         raise UsageError(str(e)) from e

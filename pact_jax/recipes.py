@@ -21,6 +21,7 @@ from typing import Any
 
 from pact_jax import merges
 from pact_jax.chain import chain
+from pact_jax.linalg import SvdMethod
 from pact_jax.pact import pact
 from pact_jax.tree import DEFAULT_RULES, LeafRules
 
@@ -65,6 +66,7 @@ def make_merge(
     method_kwargs: Mapping[str, Any] | None = None,
     alpha: float | None = None,
     rules: LeafRules = DEFAULT_RULES,
+    svd: SvdMethod | None = None,
 ) -> Callable[..., Any]:
     """The chain for ``method`` (one of :data:`METHODS`), optionally after PACT.
 
@@ -77,16 +79,21 @@ def make_merge(
         ``common_fraction``).
       alpha: scaling of the merged delta; default :data:`DEFAULT_ALPHA`.
       rules: leaf rules for every step.
+      svd: ``'exact'`` or ``'randomized'`` for every SVD of which only top
+        factors are used: PACT's (with ``use_pact``) and the merger's, if it
+        takes ``svd`` (TSV-M). An ``svd`` in ``pact_kwargs`` or
+        ``method_kwargs`` wins. ``'randomized'`` needs a key.
 
     Returns:
       ``merge(pretrained, finetuned, *, key=None, alpha=...)`` from :func:`chain`.
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {METHODS}.")
-    method_kwargs = dict(method_kwargs or {})
+    method_kwargs = _with_svd(method, method_kwargs, svd)
     steps: list[Callable[..., Any]] = []
     if use_pact:
-        kw = {"perspective": default_perspective(method), **(pact_kwargs or {})}
+        kw = {"perspective": default_perspective(method), **({} if svd is None else {"svd": svd})}
+        kw.update(pact_kwargs or {})
         steps.append(_bind(pact, kw, "pact"))
     elif pact_kwargs:
         raise ValueError(f"PACT hyperparameters {sorted(pact_kwargs)} given, but PACT is off.")
@@ -99,15 +106,26 @@ def make_merge(
     return chain(*steps, alpha=DEFAULT_ALPHA[method] if alpha is None else alpha, rules=rules)
 
 
+def _with_svd(method: str, method_kwargs: Mapping[str, Any] | None, svd: SvdMethod | None) -> dict[str, Any]:
+    """``method_kwargs`` with ``svd`` added when the merger takes one and none was given."""
+    kw = dict(method_kwargs or {})
+    if svd is not None and method in merges.MERGERS and "svd" in _keywords(merges.MERGERS[method]):
+        kw.setdefault("svd", svd)
+    return kw
+
+
 def needs_key(
     method: str,
     *,
     use_pact: bool = False,
     pact_kwargs: Mapping[str, Any] | None = None,
     method_kwargs: Mapping[str, Any] | None = None,
+    svd: SvdMethod | None = None,
 ) -> bool:
-    """Whether the recipe draws random numbers (DARE, randomized SVD in PACT or the merger)."""
-    randomized = (use_pact and (pact_kwargs or {}).get("svd", "exact") == "randomized") or (
-        (method_kwargs or {}).get("svd", "exact") == "randomized"
+    """Whether the recipe of :func:`make_merge` (same arguments) draws random numbers:
+    DARE, or a randomized SVD in PACT or the merger."""
+    pact_svd = {**({} if svd is None else {"svd": svd}), **(pact_kwargs or {})}.get("svd")
+    randomized = (use_pact and pact_svd == "randomized") or (
+        _with_svd(method, method_kwargs, svd).get("svd") == "randomized"
     )
     return method == "dare_ties" or randomized

@@ -200,12 +200,7 @@ def stacked_shardings(
     """
     mesh = _auto(mesh)
     task_axes = _axes(mesh, task_axis, "task_axis")
-    if param_axes is None:
-        param_axes = tuple(a for a in mesh.axis_names if a not in task_axes)
-    else:
-        param_axes = _axes(mesh, param_axes, "param_axes")
-    if set(task_axes) & set(param_axes):
-        raise ValueError(f"task_axis {task_axes} and param_axes {param_axes} overlap.")
+    param_axes = _rest_axes(mesh, param_axes, "param_axes", task_axes)
     t_size, p_size = _axes_size(mesh, task_axes), _axes_size(mesh, param_axes)
 
     def one(x):
@@ -253,15 +248,19 @@ def shard(tree: PyTree, shardings: PyTree | Sharding) -> PyTree:
 # Shape buckets
 
 
+def _rest_axes(mesh: Mesh, axes: AxisNames | None, name: str, task_axes: tuple[str, ...]) -> tuple[str, ...]:
+    """``axes`` validated (``name`` in messages), or every mesh axis not in ``task_axes``;
+    the two must not overlap."""
+    rest = tuple(a for a in mesh.axis_names if a not in task_axes) if axes is None else _axes(mesh, axes, name)
+    if set(rest) & set(task_axes):
+        raise ValueError(f"{name} {rest} and task_axis {task_axes} overlap.")
+    return rest
+
+
 def _bucket_axes(mesh: Mesh, layers_axis: AxisNames | None, task_axis: AxisNames | None):
     """Validated spec entries ``(layers, tasks)`` of :func:`bucket_sharding`."""
     tasks = _axes(mesh, task_axis, "task_axis")
-    if layers_axis is None:
-        layers = tuple(a for a in mesh.axis_names if a not in tasks)
-    else:
-        layers = _axes(mesh, layers_axis, "layers_axis")
-    if set(layers) & set(tasks):
-        raise ValueError(f"layers_axis {layers} and task_axis {tasks} overlap.")
+    layers = _rest_axes(mesh, layers_axis, "layers_axis", tasks)
     if not layers:
         raise ValueError("no mesh axis is left for the layers of a bucket (layers_axis).")
     return _spec_entry(layers), _spec_entry(tasks)
