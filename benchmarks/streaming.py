@@ -17,12 +17,20 @@ one-time costs: JAX/XLA runtime, compiling the programs for the group shapes
 use. A warm-up of a model with fewer layers would not do: its bias bucket
 is smaller, so the measured merge would compile another program.
 Then the peak-RSS counter of the process is reset (``/proc/self/clear_refs``,
-Linux) and the *baseline* is the RSS at that point. The measured merge's
-*peak* is ``VmHWM`` afterwards; the bound to check is
-``peak - baseline <= budget``. RSS is also sampled once the inputs are
-opened and checked (``opened``: orbax reads every leaf's metadata), and after
-the first and the last group: a per-group leak would make the last grow
-with the number of groups.
+Linux) and the *baseline* is the RSS at that point. RSS is sampled once the
+inputs are opened and checked (``opened``: every leaf's metadata read, the
+writer created), and after the first and the last group: a per-group leak
+would make the last grow with the number of groups. After the last group the
+peak counter is read (*peak in groups*) and reset again, so that ``VmHWM`` at
+the end is the peak of the writer's ``commit`` (orbax's ``finalize``: merging
+the partial saves) alone (*peak in finalize*). The merge's *peak* is the
+larger of the two; the bound to check is ``peak - baseline <= budget +
+fixed overhead``. *after* is the RSS once the merge has returned and
+``gc.collect()`` ran (what the merge leaves behind).
+
+``--orbax-metadata`` reads the inputs' metadata through orbax's own path
+(every leaf's TensorStore array opened), as pact_jax did before
+:func:`pact_jax.io.orbax.read_array_metadata`, for comparison.
 
     python -m benchmarks.streaming        # T=8, models of 32, 128, 256 MiB (1x, 4x, 8x a 32 MiB budget)
     python -m benchmarks.streaming --tasks 4 --layers 4 16 --width 128 --budget-mib 2   # quick
@@ -107,12 +115,17 @@ def run_merge(
     width: int,
     warmup_kernels: int,
     limit_malloc: bool = True,
+    orbax_metadata: bool = False,
 ) -> dict:
     """In this (fresh) process: warm up, reset the peak counter, merge; returns the measurements."""
     import gc
     import shutil
 
+    from pact_jax.io import orbax as orbax_io
     from pact_jax.io import streaming
+
+    if orbax_metadata:  # the old path: orbax opens every leaf's TensorStore array
+        orbax_io.read_array_metadata = lambda item: None
 
     merge = _merge_fn(method)
     # Warm-up: the same merge and budget on a small model with the same group shapes.
@@ -130,29 +143,40 @@ def run_merge(
     out = root / f"out-{budget}"
     shutil.rmtree(out, ignore_errors=True)
     samples: list[int] = []
+    groups_peak: list[int] = []
 
     def sampled(groups):
         samples.append(_rss_now())  # inputs opened and checked (metadata read), writer created
         for g in groups:
             yield g
             samples.append(_rss_now())  # after the group was merged and written
+        # Every group written; what follows is the writer's commit (orbax finalize).
+        groups_peak.append(status_kib("VmHWM") * 1024)
+        reset_peak_rss()
 
     start = time.perf_counter()
     report = streaming.merge_checkpoints(
         root / "pre", [root / f"ft{t}" for t in range(tasks)], out, merge, budget_bytes=budget, progress=sampled,
         limit_malloc=limit_malloc,
     )  # fmt: skip
+    num_leaves, num_groups, largest_group = report.num_leaves, report.num_groups, report.largest_group_bytes
     seconds = time.perf_counter() - start
+    finalize_peak = status_kib("VmHWM") * 1024
+    del report
+    gc.collect()
     return {
         "budget": budget,
         "baseline": baseline,
-        "peak": status_kib("VmHWM") * 1024,
+        "groups_peak": groups_peak[0],
+        "finalize_peak": finalize_peak,
+        "peak": max(groups_peak[0], finalize_peak),
         "end": _rss_now(),
+        "leaves": num_leaves,
         "opened": samples[0],
         "first_group": samples[1] if len(samples) > 1 else samples[0],
         "last_group": samples[-1],
-        "groups": report.num_groups,
-        "largest_group": report.largest_group_bytes,
+        "groups": num_groups,
+        "largest_group": largest_group,
         "seconds": seconds,
     }
 
@@ -160,7 +184,7 @@ def run_merge(
 def _child(args) -> None:
     budget = None if args.budget_mib <= 0 else int(args.budget_mib * MIB)
     print(json.dumps(run_merge(Path(args.root), args.tasks, budget, args.method, args.child_layers, args.width,
-                                args.warmup_kernels, not args.malloc_defaults)))
+                                args.warmup_kernels, not args.malloc_defaults, args.orbax_metadata)))
 
 
 def main(argv=None) -> None:
@@ -171,6 +195,8 @@ def main(argv=None) -> None:
     ap.add_argument("--child-layers", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--malloc-defaults", action="store_true",
                     help="merge with limit_malloc=False (glibc's adaptive mmap threshold: RSS creeps per group)")
+    ap.add_argument("--orbax-metadata", action="store_true",
+                    help="read the inputs' metadata through orbax (every leaf's TensorStore opened), as before")
     ap.add_argument("--width", type=int, default=256)
     ap.add_argument("--budget-mib", type=float, default=32.0)
     ap.add_argument("--in-memory-max-layers", type=int, default=128, help="skip the in-memory run above this depth")
@@ -189,13 +215,15 @@ def main(argv=None) -> None:
 
     print(f"# streaming merge benchmark, PACT + {args.method}, T={args.tasks}, budget {args.budget_mib:g} MiB, "
           f"layers ({args.width}x{args.width} kernel + bias, float32), warm-up {args.warmup_kernels} kernels"
-          f"{', glibc malloc defaults (limit_malloc=False)' if args.malloc_defaults else ''}; "
+          f"{', glibc malloc defaults (limit_malloc=False)' if args.malloc_defaults else ''}"
+          f"{', metadata read by orbax (--orbax-metadata)' if args.orbax_metadata else ''}; "
           f"{time.strftime('%Y-%m-%d')}")  # fmt: skip
     print(f"# machine: {platform.machine()}, {os.cpu_count()} cores, python {platform.python_version()}, "
           f"jax {jax.__version__}, pact_jax {getattr(pact_jax, '__version__', '?')}")  # fmt: skip
-    print("| model MiB | model / budget | run | groups | baseline RSS MiB | RSS opened / first / last group MiB "
-          "| peak RSS MiB | peak - baseline MiB | / budget | peak - opened MiB | merge s |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| model MiB | model / budget | run | leaves | groups | baseline RSS MiB | RSS opened / first / last group MiB "
+          "| peak in groups / in finalize MiB | peak - baseline MiB | / budget | peak - opened MiB "
+          "| RSS after MiB | merge s |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for layers in args.layers:
         model_bytes = layers * (args.width * args.width + args.width) * 4
         with tempfile.TemporaryDirectory(dir=args.root) as tmp:
@@ -208,16 +236,19 @@ def main(argv=None) -> None:
                 cmd = [sys.executable, "-m", "benchmarks.streaming", "--child", "--root", str(root),
                        "--tasks", str(args.tasks), "--budget-mib", str(budget_mib), "--method", args.method,
                        "--width", str(args.width), "--warmup-kernels", str(args.warmup_kernels),
-                       "--child-layers", str(layers)] + (["--malloc-defaults"] if args.malloc_defaults else [])  # fmt: skip
+                       "--child-layers", str(layers)] + (["--malloc-defaults"] if args.malloc_defaults else []) \
+                      + (["--orbax-metadata"] if args.orbax_metadata else [])  # fmt: skip
                 res = subprocess.run(cmd, check=True, capture_output=True, text=True)
                 r = json.loads(res.stdout.strip().splitlines()[-1])
                 extra = (r["peak"] - r["baseline"]) / MIB
                 ratio = f"{extra / (r['budget'] / MIB):.2f}" if r["budget"] else "-"
                 print(
-                    f"| {model_bytes / MIB:.0f} | {model_bytes / (args.budget_mib * MIB):.1f} | {name} | {r['groups']} | "
+                    f"| {model_bytes / MIB:.0f} | {model_bytes / (args.budget_mib * MIB):.1f} | {name} | "
+                    f"{r['leaves']} | {r['groups']} | "
                     f"{r['baseline'] / MIB:.0f} | {r['opened'] / MIB:.0f} / {r['first_group'] / MIB:.0f} / "
-                    f"{r['last_group'] / MIB:.0f} | {r['peak'] / MIB:.0f} | {extra:.0f} | {ratio} | "
-                    f"{(r['peak'] - r['opened']) / MIB:.0f} | {r['seconds']:.1f} |",
+                    f"{r['last_group'] / MIB:.0f} | {r['groups_peak'] / MIB:.0f} / {r['finalize_peak'] / MIB:.0f} | "
+                    f"{extra:.0f} | {ratio} | {(r['peak'] - r['opened']) / MIB:.0f} | {r['end'] / MIB:.0f} | "
+                    f"{r['seconds']:.1f} |",
                     flush=True,
                 )
 
