@@ -14,6 +14,9 @@ SVDs exact or randomized, by
   compiled ahead of time (``.lower().compile()``: the compile time), then run
   ``--repeats`` times (``jax.block_until_ready``); ``--pact-mode eager`` calls
   the merge without the outer jit (compile time = first call - median);
+  ``--budget-mib B`` merges group of leaves by group of leaves within a
+  working-set budget (``make_merge(..., budget_bytes=)``; use it with
+  ``--pact-mode eager``, where each group's buffers are freed before the next);
 * ``numpy`` / ``torch``: the plain per-leaf loops of :mod:`benchmarks.baselines`
   (torch threads = ``os.cpu_count()``; NumPy uses its BLAS threads).
 
@@ -21,8 +24,8 @@ Every configuration (one dataset, recipe, SVD, implementation) runs in a fresh
 process (``--no-isolate``: one process per dataset), which builds the
 checkpoints, then times the merge. Reported per row: compile time; steady
 time (median of the runs; a run slower than ``--run-budget`` s stops the
-repeats); the ratio baseline / pact_jax; the nominal SVD + matmul GFLOP
-(:mod:`benchmarks.flops`) and GFLOP/s against the float32 matmul peak measured
+repeats); the ratio baseline / pact_jax; the nominal SVD + matmul GFLOP of
+the algorithm each implementation runs (:mod:`benchmarks.flops`) and GFLOP/s against the float32 matmul peak measured
 at the start of the same run (best of jax / NumPy / torch); peak RSS during the
 runs minus the RSS before them (``VmHWM`` after resetting it through
 ``/proc/self/clear_refs``, or a 1 ms sampler where that is refused), and that
@@ -257,7 +260,7 @@ def _timed_runs(call, repeats: int, budget_s: float) -> tuple[list[float], Any, 
     return times, out, mem
 
 
-def _pact_jax_merge(spec, recipe, svd: str):
+def _pact_jax_merge(spec, recipe, svd: str, budget_mib: float | None = None):
     from benchmarks.models import rules_for
     from pact_jax import recipes
 
@@ -271,17 +274,20 @@ def _pact_jax_merge(spec, recipe, svd: str):
         svd=svd,
         alpha=recipe.alpha,
         rules=rules_for(spec),
+        budget_bytes=None if budget_mib is None else int(budget_mib * MIB),
     )
 
 
-def measure_pact_jax(spec, pre, fts, recipe, svd: str, *, mode: str, repeats: int, budget_s: float, seed: int):
+def measure_pact_jax(
+    spec, pre, fts, recipe, svd: str, *, mode: str, repeats: int, budget_s: float, seed: int, budget_mib=None
+):
     """``(result dict, merged flat numpy dict)`` for pact_jax on flat NumPy inputs."""
     import jax
     import numpy as np
 
     from benchmarks.models import flatten, nest
 
-    merge = _pact_jax_merge(spec, recipe, svd)
+    merge = _pact_jax_merge(spec, recipe, svd, budget_mib)
     key = jax.random.key(seed)
     pre_j = jax.device_put(nest(pre))
     fts_j = [jax.device_put(nest(ft)) for ft in fts]
@@ -303,7 +309,8 @@ def measure_pact_jax(spec, pre, fts, recipe, svd: str, *, mode: str, repeats: in
     times, out, mem = _timed_runs(call, repeats, budget_s)
     if mode != "jit":
         res["compile_s"] = max(0.0, res["first_s"] - statistics.median(times))
-    res.update(times=times, rss_before=mem.before, rss_delta=mem.delta, rss_method=mem.method)
+    res.update(times=times, rss_before=mem.before, rss_delta=mem.delta, rss_method=mem.method, mode=mode,
+               budget_mib=budget_mib)  # fmt: skip
     dev = jax.devices()[0]
     if dev.platform != "cpu" and hasattr(dev, "memory_stats"):
         res["device_peak_bytes"] = (dev.memory_stats() or {}).get("peak_bytes_in_use")
@@ -387,7 +394,9 @@ def run_child(payload: dict) -> None:
         recipe = baselines.RECIPES[job["recipe"]]
         kw = dict(repeats=payload["repeats"], budget_s=payload["run_budget"], seed=payload["seed"])
         if job["impl"] == "pact_jax":
-            res, out = measure_pact_jax(spec, pre, fts, recipe, job["svd"], mode=payload["pact_mode"], **kw)
+            res, out = measure_pact_jax(
+                spec, pre, fts, recipe, job["svd"], mode=payload["pact_mode"], budget_mib=payload["budget_mib"], **kw
+            )
             _save(work / f"{job['id']}.npz", out)
         else:
             res, out = measure_baseline(job["impl"], spec, pre, fts, recipe, job["svd"], **kw)
@@ -405,7 +414,7 @@ def run_child(payload: dict) -> None:
             gen_s=gen_s,
             model_bytes=tree_bytes(pre),
             stacked_bytes=data.tasks * tree_bytes(pre),
-            gflop=merge_flops(spec, data.tasks, recipe, job["svd"]) / 1e9,
+            gflop=merge_flops(spec, data.tasks, recipe, job["svd"], job["impl"]) / 1e9,
         )
         print("RESULT " + json.dumps(res), flush=True)
 
@@ -476,6 +485,7 @@ def run_grid(cells: list[Cell], args, work: Path) -> tuple[list[dict], list[str]
             "repeats": args.repeats,
             "run_budget": args.run_budget,
             "pact_mode": args.pact_mode,
+            "budget_mib": args.budget_mib,
         }
         what = f"{data.model} d={data.depth} w={data.width} T={data.tasks}: " + ", ".join(
             f"{j['recipe']}/{j['svd']}/{j['impl']}" for j in jobs
@@ -567,6 +577,15 @@ def _targets(results: list[dict]) -> list[str]:
     return out
 
 
+def _pact_jax_setting(results: list[dict]) -> str:
+    rows = [r for r in results if r["impl"] == "pact_jax"]
+    if not rows:
+        return "not run"
+    mode = "one jax.jit around the merge" if rows[0].get("mode", "jit") == "jit" else "eager (bucket kernels jitted)"
+    budget = rows[0].get("budget_mib")
+    return mode + ("; whole tree at once" if budget is None else f"; groups of leaves within a {budget:g} MiB budget")
+
+
 def _machine() -> str:
     cpu = platform.processor() or platform.machine()
     try:
@@ -613,6 +632,7 @@ def write_report(out: Path, results, failures, skipped, peaks, argv, wall_s) -> 
         "- float32 matmul peak measured in this run: "
         + ", ".join(f"{k} {v:.1f}" for k, v in peaks.items())
         + f" GFLOP/s; '% peak' uses the best, {peak:.1f}",
+        f"- pact_jax: {_pact_jax_setting(results)}",
         "",
         "## Targets",
         "",
@@ -620,8 +640,9 @@ def write_report(out: Path, results, failures, skipped, peaks, argv, wall_s) -> 
         "",
         "## Results",
         "",
-        "Steady time: median of the runs after compilation. GFLOP: nominal SVD + matmul work "
-        "(`benchmarks/flops.py`; TIES is element-wise: '-'). RSS Δ: peak RSS during the runs minus the RSS "
+        "Steady time: median of the runs after compilation. GFLOP: nominal SVD + matmul work of the "
+        "algorithm each implementation runs (`benchmarks/flops.py`: pact_jax takes a Gram-matrix path for "
+        "small truncated SVDs, the loops take full SVDs; TIES is element-wise: '-'). RSS Δ: peak RSS during the runs minus the RSS "
         "before them (inputs loaded). Agreement vs pact_jax: max over well-posed leaves of "
         "||x - x_pact_jax||_F / ||x - W0||_F (tolerance TIES 1e-5, TSV-M / Iso-CTS 5e-3; checked for exact SVD "
         "only); rank-deficient leaves: polar factor of a numerically rank-deficient matrix, null-space triplets dropped (see the module docstring).",
@@ -700,7 +721,7 @@ def estimate(cells: list[Cell], args) -> list[str]:
     lines, total = [f"nominal SVD rate now: {rate / 1e9:.1f} GFLOP/s (NumPy, 768x768)"], 0.0
     for c in cells:
         spec = c.data.spec()
-        gf = flops.merge_flops(spec, c.data.tasks, baselines.RECIPES[c.recipe], c.svd)
+        gf = flops.merge_flops(spec, c.data.tasks, baselines.RECIPES[c.recipe], c.svd, "numpy")
         per_run = gf / rate if gf else 4.0 * num_params(spec) * c.data.tasks / 1e9
         runs = min(args.repeats, int(args.run_budget // max(per_run, 1e-9)) + 1)
         for impl in c.impls:
@@ -799,6 +820,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--run-budget", type=float, default=20.0, help="stop repeating once the runs took this many s")
     ap.add_argument("--pact-mode", choices=("jit", "eager"), default="jit")
+    ap.add_argument("--budget-mib", type=float, default=None,
+                    help="pact_jax merges groups of leaves within this working-set budget (with --pact-mode eager)")  # fmt: skip
     ap.add_argument("--no-isolate", action="store_true", help="one process per dataset instead of per job")
     ap.add_argument("--peak-n", type=int, default=None, help="matmul size for the peak (default 3072; --quick 256)")
     ap.add_argument("--child-timeout", type=float, default=900.0, help="kill a configuration's process after this many s")

@@ -22,6 +22,13 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+
+# Peak bytes of merging a group of leaves / bytes of its float32 stacked task
+# vectors (the fine-tuned leaves as read, the task vectors, the transform's
+# output, the SVD workspace). Sampled RSS, T=8, 16 leaves of 128x128, after a
+# warm-up: PACT(scalar) + TIES 3.6, PACT(subspace) + TSV 4.7.
+WORKING_SET_FACTOR = 5.0
 
 Kernel = Callable[..., Any]
 Placement = Callable[[Any, bool], Any]
@@ -122,3 +129,64 @@ def run_bucketed(
         for j, i in enumerate(members):
             results[i] = jax.tree_util.tree_map(lambda o, j=j: o[j], out)
     return results
+
+
+# --------------------------------------------------------------------------
+# Groups of leaves within a memory budget (streaming merges, chain(budget_bytes=))
+
+
+def _is_float(s: Any) -> bool:
+    return bool(jnp.issubdtype(s.dtype, jnp.floating))
+
+
+def working_set_bytes(meta: Mapping[str, Any], paths: Sequence[str], num_tasks: int) -> int:
+    """Estimated peak bytes of merging the leaves ``paths`` of ``meta`` (path ->
+    anything with ``.shape``) for ``num_tasks`` tasks: :data:`WORKING_SET_FACTOR`
+    times their float32 stacked task vectors."""
+    elems = sum(int(np.prod(meta[p].shape)) for p in paths)
+    return int(WORKING_SET_FACTOR * num_tasks * elems * 4)
+
+
+def plan_groups(
+    meta: Mapping[str, Any],
+    num_tasks: int,
+    budget_bytes: int | None,
+) -> list[list[str]]:
+    """Groups of float leaf paths, each merged in one go.
+
+    ``meta`` maps leaf paths to anything with ``.shape`` and ``.dtype``
+    (``jax.ShapeDtypeStruct``, arrays). Leaves are bucketed by shape (so a
+    group feeds whole vmapped buckets to the kernels). Without a budget there
+    is one group. With one, a bucket too large for the budget is split into
+    near-equal chunks, and small buckets are packed together first-fit, each
+    group's :func:`working_set_bytes` within ``budget_bytes`` unless a single
+    leaf alone exceeds it.
+    """
+    floats = [p for p, s in meta.items() if _is_float(s)]
+    if budget_bytes is None:
+        return [floats] if floats else []
+    if budget_bytes <= 0:
+        raise ValueError(f"budget_bytes must be positive, got {budget_bytes}.")
+    by_shape: dict[tuple[int, ...], list[str]] = {}
+    for p in floats:
+        by_shape.setdefault(tuple(meta[p].shape), []).append(p)
+    chunks: list[list[str]] = []
+    for paths in by_shape.values():
+        per_leaf = working_set_bytes(meta, paths[:1], num_tasks)
+        fit = max(1, budget_bytes // max(per_leaf, 1))
+        n_chunks = -(-len(paths) // fit)
+        # Near-equal chunks: at most two batch sizes per shape to compile.
+        chunks.extend(list(c) for c in np.array_split(np.asarray(paths, dtype=object), n_chunks))
+    groups: list[list[str]] = []
+    loads: list[int] = []
+    for chunk in sorted(chunks, key=lambda c: -working_set_bytes(meta, c, num_tasks)):
+        cost = working_set_bytes(meta, chunk, num_tasks)
+        for i, load in enumerate(loads):
+            if load + cost <= budget_bytes:
+                groups[i].extend(chunk)
+                loads[i] += cost
+                break
+        else:
+            groups.append(list(chunk))
+            loads.append(cost)
+    return groups

@@ -10,6 +10,11 @@ signature names. Bind hyperparameters with :func:`functools.partial`::
         alpha=0.4,
     )
     params = jax.jit(merge)(pretrained, [ft_a, ft_b], key=jax.random.key(0))
+
+With ``budget_bytes`` the chain runs on groups of same-shape leaves in turn
+(:func:`pact_jax.buckets.plan_groups`), so only one group's task vectors and
+workspace exist at a time; every transform and merger of pact_jax works leaf
+by leaf and keys its randomness by leaf path, so the result is the same.
 """
 
 from __future__ import annotations
@@ -20,7 +25,16 @@ from collections.abc import Callable, Sequence
 
 import jax
 
-from pact_jax.tree import LeafRules, PyTree, apply_delta, task_vectors
+from pact_jax import buckets
+from pact_jax.tree import (
+    LeafRules,
+    PyTree,
+    apply_delta,
+    check_task_list,
+    leaves_with_paths,
+    path_str,
+    task_vectors,
+)
 
 _ARGS = ("key", "pretrained", "stacked", "rules")
 
@@ -53,6 +67,7 @@ def chain(
     *steps: Callable[..., PyTree],
     alpha: float = 1.0,
     rules: LeafRules | None = None,
+    budget_bytes: int | None = None,
 ) -> Callable[..., PyTree]:
     """Composes transforms and a final merger into ``merge(pretrained, finetuned) -> params``.
 
@@ -69,6 +84,16 @@ def chain(
       alpha: default scaling of the merged delta.
       rules: if given, passed as ``rules=`` to every step that takes it
         (overriding a value bound with ``functools.partial``).
+      budget_bytes: if given, run the steps on groups of leaves in turn, each
+        group's estimated working set
+        (:func:`pact_jax.buckets.working_set_bytes`, about 5x its float32
+        stacked task vectors) within this many bytes (a leaf larger than that
+        alone). Peak memory then grows with the budget, not the model
+        (measured in ``python -m benchmarks.speed``); useful when called
+        eagerly (each bucket is its own compiled call), while one
+        ``jax.jit`` around the merge leaves buffer reuse to XLA. Needs steps
+        that work leaf by leaf, as all of pact_jax's do (a custom step that
+        mixes leaves would see one group at a time). ``None``: one group.
 
     Step ``i`` that takes a ``key`` receives ``jax.random.split(key, n)[i]``;
     a step whose ``key`` has no default makes ``key`` required.
@@ -88,14 +113,22 @@ def chain(
             kwargs["rules"] = rules
         return step.fn(**kwargs)
 
-    def delta(pretrained: PyTree, finetuned: Sequence[PyTree], *, key: jax.Array | None = None) -> PyTree:
-        if key is None and key_names:
-            raise ValueError(f"steps {key_names} need a PRNG key: call merge(..., key=jax.random.key(0)).")
-        keys = [None] * len(described) if key is None else list(jax.random.split(key, len(described)))
+    if budget_bytes is not None and (isinstance(budget_bytes, bool) or not isinstance(budget_bytes, int) or budget_bytes <= 0):
+        raise ValueError(f"budget_bytes must be a positive int (bytes) or None, got {budget_bytes!r}.")
+
+    def run_steps(pretrained: PyTree, finetuned: Sequence[PyTree], keys: list) -> PyTree:
         stacked = task_vectors(pretrained, finetuned)
         for step, k in zip(described[:-1], keys[:-1]):
             stacked = run(step, pretrained, stacked, k)
         return run(described[-1], pretrained, stacked, keys[-1])
+
+    def delta(pretrained: PyTree, finetuned: Sequence[PyTree], *, key: jax.Array | None = None) -> PyTree:
+        if key is None and key_names:
+            raise ValueError(f"steps {key_names} need a PRNG key: call merge(..., key=jax.random.key(0)).")
+        keys = [None] * len(described) if key is None else list(jax.random.split(key, len(described)))
+        if budget_bytes is None:
+            return run_steps(pretrained, finetuned, keys)
+        return _grouped(run_steps, pretrained, finetuned, keys, budget_bytes)
 
     def merge(
         pretrained: PyTree,
@@ -109,3 +142,25 @@ def chain(
     merge.delta = delta  # type: ignore[attr-defined]
     merge.__doc__ = f"Merge with chain({', '.join(s.name for s in described)}), alpha={alpha}."
     return merge
+
+
+def _grouped(
+    run_steps: Callable[..., PyTree], pretrained: PyTree, finetuned: Sequence[PyTree], keys: list, budget_bytes: int
+) -> PyTree:
+    """``run_steps`` on sub-trees of the leaves of each group of :func:`buckets.plan_groups`;
+    the other leaves are ``None`` (empty sub-trees), so paths, rules and per-leaf keys are unchanged."""
+    check_task_list(pretrained, finetuned)  # whole-tree checks first: errors name the leaf either way
+    items = leaves_with_paths(pretrained)
+    groups = buckets.plan_groups(dict(items), len(finetuned), budget_bytes)
+    merged: dict[str, object] = {}
+    for group in groups:
+        members = set(group)
+
+        def sub(tree: PyTree, members=members) -> PyTree:
+            return jax.tree_util.tree_map_with_path(lambda p, x: x if path_str(p) in members else None, tree)
+
+        out = run_steps(sub(pretrained), [sub(ft) for ft in finetuned], keys)
+        merged.update(leaves_with_paths(out))
+        del out
+    treedef = jax.tree_util.tree_structure(pretrained)
+    return jax.tree_util.tree_unflatten(treedef, [merged[p] for p, _ in items])

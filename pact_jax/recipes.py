@@ -67,6 +67,7 @@ def make_merge(
     alpha: float | None = None,
     rules: LeafRules = DEFAULT_RULES,
     svd: SvdMethod | None = None,
+    budget_bytes: int | None = None,
 ) -> Callable[..., Any]:
     """The chain for ``method`` (one of :data:`METHODS`), optionally after PACT.
 
@@ -83,6 +84,9 @@ def make_merge(
         factors are used: PACT's (with ``use_pact``) and the merger's, if it
         takes ``svd`` (TSV-M). An ``svd`` in ``pact_kwargs`` or
         ``method_kwargs`` wins. ``'randomized'`` needs a key.
+      budget_bytes: run the chain group of leaves by group of leaves within
+        this working-set budget (see :func:`pact_jax.chain`); ``None``: the
+        whole tree at once.
 
     Returns:
       ``merge(pretrained, finetuned, *, key=None, alpha=...)`` from :func:`chain`.
@@ -103,7 +107,8 @@ def make_merge(
         steps.append(_bind(merges.ties, method_kwargs, "ties"))
     else:
         steps.append(_bind(merges.MERGERS[method], method_kwargs, method))
-    return chain(*steps, alpha=DEFAULT_ALPHA[method] if alpha is None else alpha, rules=rules)
+    alpha = DEFAULT_ALPHA[method] if alpha is None else alpha
+    return chain(*steps, alpha=alpha, rules=rules, budget_bytes=budget_bytes)
 
 
 def _with_svd(method: str, method_kwargs: Mapping[str, Any] | None, svd: SvdMethod | None) -> dict[str, Any]:

@@ -175,6 +175,23 @@ def check_fraction(value: float, name: str, *, allow_zero: bool = False) -> floa
 # Task vectors
 
 
+def check_task_list(pretrained: PyTree, finetuned: Sequence[PyTree]) -> None:
+    """The checks of :func:`task_vectors`: a non-empty sequence of fine-tuned
+    pytrees with ``pretrained``'s structure, shapes and float dtypes, all finite."""
+    if isinstance(finetuned, dict) or not isinstance(finetuned, Sequence) or isinstance(finetuned, str):
+        raise PactInputError(
+            "finetuned must be a sequence (list or tuple) of parameter pytrees, one per task; "
+            f"got {type(finetuned).__name__}."
+        )
+    if len(finetuned) == 0:
+        raise PactInputError("finetuned is empty: pass at least one fine-tuned checkpoint.")
+    check_floating(pretrained, "pretrained")
+    check_finite(pretrained, "pretrained")
+    for i, ft in enumerate(finetuned):
+        check_same_leaves(pretrained, ft, "pretrained", f"finetuned[{i}]")
+        check_finite(ft, f"finetuned[{i}]")
+
+
 def task_vectors(
     pretrained: PyTree,
     finetuned: Sequence[PyTree],
@@ -198,18 +215,7 @@ def task_vectors(
       PactInputError: empty task list, structure/shape/dtype mismatch, a
         non-floating leaf, or NaN/Inf in any input (names the leaf path).
     """
-    if isinstance(finetuned, dict) or not isinstance(finetuned, Sequence) or isinstance(finetuned, str):
-        raise PactInputError(
-            "finetuned must be a sequence (list or tuple) of parameter pytrees, one per task; "
-            f"got {type(finetuned).__name__}."
-        )
-    if len(finetuned) == 0:
-        raise PactInputError("finetuned is empty: pass at least one fine-tuned checkpoint.")
-    check_floating(pretrained, "pretrained")
-    check_finite(pretrained, "pretrained")
-    for i, ft in enumerate(finetuned):
-        check_same_leaves(pretrained, ft, "pretrained", f"finetuned[{i}]")
-        check_finite(ft, f"finetuned[{i}]")
+    check_task_list(pretrained, finetuned)
 
     def diff(w0, *wts):
         w0 = jnp.asarray(w0, dtype)

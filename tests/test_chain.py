@@ -92,3 +92,42 @@ def test_sub_tree_merge_equals_part_of_whole_merge(tiny_models):
     part = {"params": {"dense_1": pre["params"]["dense_1"]}}
     part_fts = [{"params": {"dense_1": f["params"]["dense_1"]}} for f in fts]
     chex.assert_trees_all_close(merge(part, part_fts, key=key)["params"]["dense_1"], whole["params"]["dense_1"])
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_budget_groups_equal_the_whole_tree_merge(tiny_models, jit, monkeypatch):
+    """chain(budget_bytes=...) runs group by group (several groups here) and returns
+    what the one-group merge returns, PACT + DARE + TIES and PACT + TSV-M alike."""
+    pre, fts = tiny_models
+    key = jax.random.key(5)
+    calls = []
+    run_bucketed = pact_jax.buckets.run_bucketed
+    monkeypatch.setattr(pact_jax.buckets, "run_bucketed", lambda k, jobs: calls.append(len(jobs)) or run_bucketed(k, jobs))
+    smallest = min(pact_jax.buckets.working_set_bytes({"x": x}, ["x"], len(fts)) for x in jax.tree_util.tree_leaves(pre))
+    for steps in [
+        (functools.partial(pact_jax.pact, svd="randomized", task_rank=2), merges.dare, merges.ties),
+        (functools.partial(pact_jax.pact, task_rank=2, pretrained_rank=4), merges.tsv),
+    ]:
+        whole = pact_jax.chain(*steps, alpha=0.6)
+        grouped = pact_jax.chain(*steps, alpha=0.6, budget_bytes=smallest)
+        run = jax.jit(grouped) if jit else grouped
+        expected = whole(pre, fts, key=key)
+        calls.clear()
+        out = run(pre, fts, key=key)
+        chex.assert_trees_all_close(out, expected, atol=1e-6)
+        chex.assert_trees_all_equal_dtypes(out, pre)
+        # One leaf per group (the budget fits the smallest leaf only): many small kernel calls.
+        assert len(calls) > 2 * len(steps) and max(calls) == 1
+
+
+def test_budget_keeps_input_checks_and_rejects_bad_budgets(tiny_models):
+    pre, fts = tiny_models
+    merge = pact_jax.chain(merges.task_arithmetic, budget_bytes=1 << 20)
+    bad = jax.tree_util.tree_map(lambda x: x.at[(0,) * x.ndim].set(float("nan")), fts[1])
+    with pytest.raises(pact_jax.PactInputError, match=r"finetuned\[1\].*NaN|NaN.*finetuned\[1\]"):
+        merge(pre, [fts[0], bad])
+    with pytest.raises(pact_jax.PactInputError, match="empty"):
+        merge(pre, [])
+    for budget in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="budget_bytes"):
+            pact_jax.chain(merges.task_arithmetic, budget_bytes=budget)

@@ -101,6 +101,73 @@ def test_exact_and_truncated_svd_are_batched_and_truncate(method):
             )
 
 
+def test_uses_gram_rule():
+    o = linalg.GRAM_OVERSAMPLE
+    assert linalg.uses_gram((200, 90), 45 - o)
+    assert not linalg.uses_gram((200, 90), 46 - o)  # rank + oversample above min(m, n) / 2
+    assert not linalg.uses_gram((200, 90), None)
+    assert linalg.uses_gram((3, 90, 200), 45 - o)  # batch axes do not count
+
+
+def _np_top(x: np.ndarray, rank: int):
+    u, s, vh = np.linalg.svd(f64(x), full_matrices=False)
+    return u[:, :rank], s[:rank], vh[:rank]
+
+
+@pytest.mark.parametrize("shape", [(96, 160), (160, 96), (2, 80, 80)])
+@pytest.mark.parametrize("rank", [3, 20])
+def test_exact_svd_gram_path_matches_numpy(shape, rank):
+    """Small ranks take the Gram path (eigh + Rayleigh-Ritz); it must agree with a
+    float64 LAPACK SVD like the full SVD does, on a decaying and on a flat spectrum."""
+    assert linalg.uses_gram(shape, rank)
+    rng = np.random.default_rng(rank)
+    batch, (m, n) = shape[:-2], shape[-2:]
+    p = min(m, n)
+    decaying = [np_with_spectrum(rng, m, n, np.geomspace(100.0, 0.01, p)) for _ in range(int(np.prod(batch)))]
+    for x in (np.stack(decaying).reshape(shape), rng.standard_normal(shape)):
+        out = linalg.exact_svd(f32(x), rank)
+        chex.assert_shape((out.u, out.s, out.vh), ((*batch, m, rank), (*batch, rank), (*batch, rank, n)))
+        for idx in np.ndindex(*batch):
+            u, s, vh = _np_top(x[idx], rank)
+            gu, gs, gvh = f64(out.u[idx]), f64(out.s[idx]), f64(out.vh[idx])
+            np.testing.assert_allclose(gs, s, rtol=1e-5, atol=1e-5 * s[0])
+            np.testing.assert_allclose(gu.T @ gu, np.eye(rank), atol=1e-5)
+            np.testing.assert_allclose(gvh @ gvh.T, np.eye(rank), atol=1e-5)
+            best = (u * s) @ vh
+            np.testing.assert_allclose((gu * gs) @ gvh, best, atol=2e-4 * s[0])
+            # Subspaces within the float32 sensitivity eps * s_max / gap at `rank`.
+            gap = (s[-1] - np.linalg.svd(f64(x[idx]), compute_uv=False)[rank]) / s[0]
+            tol = max(1e-5, 50 * np.finfo(np.float32).eps / gap)
+            np.testing.assert_allclose(np_projector(gu), np_projector(u), atol=tol)
+
+
+@pytest.mark.parametrize("shape", [(100, 160), (160, 100)])
+def test_exact_svd_gram_path_on_rank_deficient_input(shape):
+    """Below the true rank, singular values stay at rounding level (as with LAPACK),
+    so :func:`linalg.significant` still finds the rank; a Gram matrix alone would
+    report ``sqrt(eps) * s_max``."""
+    rng = np.random.default_rng(3)
+    x = np_low_rank(rng, *shape, 6)
+    rank = 20
+    assert linalg.uses_gram(shape, rank)
+    out = linalg.exact_svd(f32(x), rank)
+    keep = linalg.significant(out.s, out.s[0], max(shape))
+    assert int(keep.sum()) == 6
+    np.testing.assert_array_less(f64(out.s[6:]), 1e-5 * float(out.s[0]))
+    np.testing.assert_allclose(f64(out.u).T @ f64(out.u), np.eye(rank), atol=1e-5)
+    np.testing.assert_allclose(np_projector(f64(out.u[:, :6])), np_projector(_np_top(x, 6)[0]), atol=1e-5)
+
+
+def test_exact_svd_gram_path_zero_and_bfloat16_input():
+    zero = linalg.exact_svd(jnp.zeros((80, 120)), 10)
+    assert np.all(np.isfinite(f64(zero.u))) and np.all(f64(zero.s) == 0)
+    x = np.random.default_rng(4).standard_normal((80, 120))
+    out = linalg.exact_svd(jnp.asarray(x, jnp.bfloat16), 10)
+    assert out.u.dtype == out.s.dtype == out.vh.dtype == jnp.float32
+    ref = _np_top(f64(jnp.asarray(x, jnp.bfloat16).astype(jnp.float32)), 10)[1]
+    np.testing.assert_allclose(f64(out.s), ref, rtol=1e-5)
+
+
 @pytest.mark.parametrize("rank", [0, 9, 2.0])
 def test_exact_svd_bad_rank_raises(rank):
     x = jnp.ones((8, 10))
