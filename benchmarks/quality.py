@@ -138,21 +138,37 @@ def _take(tree: PyTree, t: int) -> PyTree:
     return jax.tree_util.tree_map(lambda x: x[:t], tree)
 
 
-class Evaluator:
-    """Validation sweeps and test accuracy of merged encoders for the first ``T`` tasks of one zoo."""
+class TaskEvaluator:
+    """Validation sweeps and test accuracy of merged encoders on ``T`` tasks (any model family).
 
-    def __init__(self, cfg: zoo_mod.ZooConfig, zoo: zoo_mod.Zoo, data, t: int, seed: int):
-        self.t, self.seed = t, seed
-        self.pre = zoo.pretrained
-        self.fts = zoo.finetuned[:t]
-        self.heads = _take(zoo.heads, t)
-        self.ncls = jnp.asarray(zoo_mod.num_classes(cfg)[:t])
-        self.val = (jnp.asarray(data["val"].x[:t]), jnp.asarray(data["val"].y[:t]))
-        self.test = (jnp.asarray(data["test"].x[:t]), jnp.asarray(data["test"].y[:t]))
-        shared, per_task = _accuracy_fns(cfg)
+    The suites differ only in what they pass here: :class:`Evaluator` (the
+    ViT zoo) and :mod:`benchmarks.minilm_suite` (all-MiniLM-L6-v2).
+
+    Args:
+      pretrained: encoder params ``W0`` (the tree that is merged).
+      finetuned: ``T`` fine-tuned encoders, same structure.
+      heads: fine-tuned heads stacked over tasks (used by every merged model).
+      probe_heads: linear-probe heads on the frozen pre-trained encoder, stacked.
+      val, test: ``(x, y)`` pytrees with a leading task axis ``T``.
+      num_classes: ``(T,)`` classes per task (heads are padded to the largest).
+      accuracy_fns: ``(shared, per_task)`` jitted functions returning ``(T,)``
+        accuracies: ``shared(encoder, heads, x, y, ncls)`` evaluates one
+        encoder on every task, ``per_task(stacked_encoders, ...)`` encoder
+        ``t`` on task ``t``.
+      seed: seeds the merges' PRNG keys (:func:`merge_key`).
+      rules: the :class:`pact_jax.LeafRules` of the merges and of PACT.
+    """
+
+    def __init__(self, *, pretrained, finetuned, heads, probe_heads, val, test, num_classes,
+                 accuracy_fns: tuple[Callable, Callable], seed: int, rules: pact_jax.LeafRules):
+        self.t, self.seed, self.rules = len(finetuned), seed, rules
+        self.pre, self.fts, self.heads = pretrained, list(finetuned), heads
+        self.ncls = jnp.asarray(num_classes)
+        self.val, self.test = val, test
+        shared, per_task = accuracy_fns
         self._shared = shared
         self.finetuned = np.asarray(per_task(zoo_mod._stack(self.fts), self.heads, *self.test, self.ncls))
-        self.pretrained = np.asarray(shared(self.pre, _take(zoo.probe_heads, t), *self.test, self.ncls))
+        self.pretrained = np.asarray(shared(self.pre, probe_heads, *self.test, self.ncls))
 
     def sweep(self, delta: PyTree, alphas: Sequence[float]) -> np.ndarray:
         """Mean validation accuracy at each alpha, ``(len(alphas),)``."""
@@ -160,6 +176,24 @@ class Evaluator:
 
     def test_acc(self, delta: PyTree, alpha: float) -> np.ndarray:
         return np.asarray(self._shared(pact_jax.apply_delta(self.pre, delta, alpha), self.heads, *self.test, self.ncls))
+
+
+class Evaluator(TaskEvaluator):
+    """:class:`TaskEvaluator` for the first ``T`` tasks of one ViT zoo."""
+
+    def __init__(self, cfg: zoo_mod.ZooConfig, zoo: zoo_mod.Zoo, data, t: int, seed: int):
+        super().__init__(
+            pretrained=zoo.pretrained,
+            finetuned=zoo.finetuned[:t],
+            heads=_take(zoo.heads, t),
+            probe_heads=_take(zoo.probe_heads, t),
+            val=(jnp.asarray(data["val"].x[:t]), jnp.asarray(data["val"].y[:t])),
+            test=(jnp.asarray(data["test"].x[:t]), jnp.asarray(data["test"].y[:t])),
+            num_classes=zoo_mod.num_classes(cfg)[:t],
+            accuracy_fns=_accuracy_fns(cfg),
+            seed=seed,
+            rules=vit.MERGE_RULES,
+        )
 
 
 @functools.lru_cache(maxsize=None)
@@ -181,7 +215,7 @@ def merge_key(seed: int, method: str) -> jax.Array:
 
 
 def merged_delta(
-    ev: Evaluator, method: str, use_pact: bool, pact_kwargs: Mapping[str, Any] | None = None
+    ev: TaskEvaluator, method: str, use_pact: bool, pact_kwargs: Mapping[str, Any] | None = None
 ) -> PyTree:
     """``merge.delta`` of :func:`pact_jax.recipes.make_merge` for the evaluator's models.
 
@@ -194,18 +228,18 @@ def merged_delta(
         method_kwargs=METHOD_KWARGS.get(method, {}),
         svd=(pact_kwargs or {}).get("svd"),
     )
-    merge = recipes.make_merge(method, rules=vit.MERGE_RULES, **recipe)
+    merge = recipes.make_merge(method, rules=ev.rules, **recipe)
     key = merge_key(ev.seed, method) if recipes.needs_key(method, **recipe) else None
     return jax.block_until_ready(merge.delta(ev.pre, ev.fts, key=key))
 
 
-def pact_energy_removed(ev: Evaluator, method: str, pact_kwargs: Mapping[str, Any] | None = None) -> float:
+def pact_energy_removed(ev: TaskEvaluator, method: str, pact_kwargs: Mapping[str, Any] | None = None) -> float:
     """Share of the task vectors' total squared norm that PACT removes (mean over tasks)."""
     kw = {"perspective": recipes.default_perspective(method), **(pact_kwargs or {})}
     if kw.get("svd") == "randomized":
         kw.setdefault("key", merge_key(ev.seed, method))
     stacked = pact_jax.task_vectors(ev.pre, ev.fts)
-    cleaned = pact_jax.pact(ev.pre, stacked, rules=vit.MERGE_RULES, **kw)
+    cleaned = pact_jax.pact(ev.pre, stacked, rules=ev.rules, **kw)
 
     def sq(tree):
         return sum(np.sum(np.square(np.asarray(x)).reshape(x.shape[0], -1), axis=1) for x in jax.tree_util.tree_leaves(tree))
@@ -215,7 +249,7 @@ def pact_energy_removed(ev: Evaluator, method: str, pact_kwargs: Mapping[str, An
 
 
 def evaluate_method(
-    ev: Evaluator,
+    ev: TaskEvaluator,
     method: str,
     use_pact: bool,
     alphas: Sequence[float],
@@ -249,10 +283,10 @@ def evaluate_method(
     return out
 
 
-def evaluate_zoo(
-    cfg: QualityConfig, zoo: zoo_mod.Zoo, data, seed: int, t: int, log: Callable[[str], None]
+def evaluate_methods(
+    ev: TaskEvaluator, methods: Sequence[str], alphas: Sequence[float], log: Callable[[str], None]
 ) -> dict[str, Any]:
-    ev = Evaluator(cfg.zoo, zoo, data, t, seed)
+    """Baselines and every method without / with PACT on one evaluator: one ``per_T[t][seed]`` entry."""
     res: dict[str, Any] = {
         "finetuned": {"per_task": ev.finetuned.tolist(), "mean": float(ev.finetuned.mean()), "normalized": 1.0},
         "pretrained": {
@@ -262,17 +296,23 @@ def evaluate_zoo(
         },
         "methods": {},
     }
-    for method in cfg.methods:
-        plain = evaluate_method(ev, method, False, cfg.alphas)
-        with_pact = evaluate_method(ev, method, True, cfg.alphas)
+    for method in methods:
+        plain = evaluate_method(ev, method, False, alphas)
+        with_pact = evaluate_method(ev, method, True, alphas)
         with_pact["energy_removed"] = pact_energy_removed(ev, method)
         res["methods"][method] = {"plain": plain, "pact": with_pact}
         log(
-            f"    T={t} seed {seed} {method:<16} {100 * plain['mean']:5.1f} (alpha {plain['alpha']:.2f})  "
+            f"    T={ev.t} seed {ev.seed} {method:<16} {100 * plain['mean']:5.1f} (alpha {plain['alpha']:.2f})  "
             f"+PACT {100 * with_pact['mean']:5.1f} (alpha {with_pact['alpha']:.2f}, "
             f"removes {100 * with_pact['energy_removed']:.1f}% of ||tau||^2)"
         )
     return res
+
+
+def evaluate_zoo(
+    cfg: QualityConfig, zoo: zoo_mod.Zoo, data, seed: int, t: int, log: Callable[[str], None]
+) -> dict[str, Any]:
+    return evaluate_methods(Evaluator(cfg.zoo, zoo, data, t, seed), cfg.methods, cfg.alphas, log)
 
 
 # --------------------------------------------------------------------------

@@ -1,9 +1,9 @@
-"""Markdown, JSON and PNG output of :mod:`benchmarks.quality` (no computation here)."""
+"""Markdown, JSON and PNG output of :mod:`benchmarks.quality` and :mod:`benchmarks.minilm_suite` (no computation here)."""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -107,7 +107,8 @@ def ablation_lines(abl: Mapping[str, Any]) -> list[str]:
     return lines
 
 
-def markdown(results: Mapping[str, Any], png_name: str | None) -> str:
+def vit_header(results: Mapping[str, Any]) -> list[str]:
+    """Title, command, machine and the ViT zoo's description (:mod:`benchmarks.quality`)."""
     cfg, z = results["config"], results["zoo"]
     zc = cfg["zoo"]
     v = z["vit"]
@@ -161,6 +162,12 @@ def markdown(results: Mapping[str, Any], png_name: str | None) -> str:
         f"({'; '.join(f'{p}: {chr(44).join(ms)}' for p, ms in cfg.get('pact_perspective', {}).items())}).",
         "",
     ]
+    return lines
+
+
+def results_lines(results: Mapping[str, Any], png_name: str | None) -> list[str]:
+    """The per-T tables, the plot and the quality bars (shared by both quality suites)."""
+    lines: list[str] = []
     for t in results["per_T"]:
         n_seeds = len(results["per_T"][t])
         names = _task_names(results, t)
@@ -189,7 +196,12 @@ def markdown(results: Mapping[str, Any], png_name: str | None) -> str:
     lines.append("")
     if "ablation" in results:
         lines += ["## Ablation of PACT's hyperparameters", "", *ablation_lines(results["ablation"])]
-    return "\n".join(lines) + "\n"
+    return lines
+
+
+def markdown(results: Mapping[str, Any], png_name: str | None,
+             header: Callable[[Mapping[str, Any]], list[str]] = vit_header) -> str:
+    return "\n".join(header(results) + results_lines(results, png_name)) + "\n"
 
 
 def plot(results: Mapping[str, Any], path: Path) -> Path:
@@ -226,7 +238,9 @@ def plot(results: Mapping[str, Any], path: Path) -> Path:
     return path
 
 
-def write(results: Mapping[str, Any], md_path: Path) -> list[Path]:
+def write(results: Mapping[str, Any], md_path: Path,
+          header: Callable[[Mapping[str, Any]], list[str]] = vit_header) -> list[Path]:
+    """Writes the JSON, the PNG and the markdown (``header(results)`` lines, then :func:`results_lines`)."""
     md_path = Path(md_path)
     md_path.parent.mkdir(parents=True, exist_ok=True)
     js = md_path.with_suffix(".json")
@@ -236,7 +250,7 @@ def write(results: Mapping[str, Any], md_path: Path) -> list[Path]:
         return [md_path, js]
     png = md_path.with_suffix(".png")
     plot(results, png)
-    md_path.write_text(markdown(results, png.name))
+    md_path.write_text(markdown(results, png.name, header))
     return [md_path, js, png]
 
 

