@@ -743,7 +743,7 @@ def profile(args, cell: Cell, out: Path) -> None:
     import jax
 
     from benchmarks import baselines
-    from benchmarks.models import make_models, nest
+    from benchmarks.models import make_models, matrix_views, nest
     from pact_jax import buckets
 
     spec = cell.data.spec()
@@ -792,9 +792,50 @@ def profile(args, cell: Cell, out: Path) -> None:
     outside = total - sum(t for *_, t in timings)
     lines.append(f"| (outside the bucket kernels: validation, task vectors, stacking, apply) | | {outside:.3f} | "
                  f"{100 * outside / total:.0f} |")  # fmt: skip
+    m, n = max(((m, n) for _, m, n in matrix_views(spec)), key=lambda mn: mn[0] * mn[1])
+    lines += ["", *component_breakdown(m, n, cell.data.tasks, recipe, cell.svd, args.seed)]
     text = "\n".join(lines) + "\n"
     (out / "profile.md").write_text(text)
     print(text)
+
+
+def component_breakdown(m: int, n: int, t: int, recipe, svd: str, seed: int = 0) -> list[str]:
+    """Time of each decomposition PACT (``side='left'``, ``exclude_self``) + TSV-M run on one ``(m, n)``
+    matrix with ``t`` tasks, each jitted alone on random input (best of 3): where a merge spends its time."""
+    import jax
+    import jax.numpy as jnp
+
+    from benchmarks.baselines import resolve_rank, tsv_rank
+    from pact_jax import linalg
+
+    p = recipe.pact
+    k, r, rt = resolve_rank(p["pretrained_rank"], m, n), resolve_rank(p["task_rank"], m, n), tsv_rank(m, n, t)
+    keys = jax.random.split(jax.random.key(seed), 4)
+    w0 = jax.random.normal(keys[0], (m, n))
+    tau = jax.random.normal(keys[1], (t, m, n))
+    cols = jax.random.normal(keys[2], (t, m, t * min(m, k)))
+    kw = dict(method=svd, key=keys[3], oversample=p["oversample"], power_iters=p["power_iters"])
+    parts = {
+        f"PACT step 1: top {k} of W0": (lambda x: linalg.truncated_svd(x, k, **kw).u, w0),
+        f"PACT step 2: top {r} of each tau_t": (lambda x: linalg.truncated_svd(x, r, **kw).u, tau),
+        f"PACT step 3: SVD of M_t ({m}x{k}) per task": (lambda x: jnp.linalg.svd(x[:, :, :k], full_matrices=False)[0], cols),
+        f"PACT step 4: span bases ({m}x{t * min(m, k)}) per task": (lambda x: linalg.span_basis(x, p["span_tol"])[0], cols),
+        f"TSV-M: top {rt} of each tau_t": (lambda x: linalg.truncated_svd(x, rt, **kw).u, tau),
+        f"TSV-M: polar factors ({m}x{t * rt}, {n}x{t * rt})": (
+            lambda x: (linalg.polar(x[0, :, : t * rt]), linalg.polar(jnp.swapaxes(x[0], 0, 1)[:, : t * rt])),
+            tau,
+        ),
+    }
+    times = {}
+    for name, (fn, x) in parts.items():
+        f = jax.jit(fn)
+        jax.block_until_ready(f(x))
+        times[name] = min(_time(lambda: jax.block_until_ready(f(x))) for _ in range(3))
+    total = sum(times.values())
+    out = [f"## Decompositions on one {m}x{n} matrix, T={t}, svd={svd} (each jitted alone, best of 3)", "",
+           "| part | s | % of the parts |", "|---|---|---|"]  # fmt: skip
+    out += [f"| {name} | {v:.3g} | {100 * v / total:.0f} |" for name, v in times.items()]
+    return out + [f"| total | {total:.3g} | 100 |"]
 
 
 # --------------------------------------------------------------------------

@@ -140,3 +140,11 @@ def test_quick_run_end_to_end(tmp_path):
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000, png
     if os.getloadavg()[0] <= (os.cpu_count() or 1):  # a wall-clock bound means nothing on a saturated machine
         assert seconds < 60, f"--quick took {seconds:.0f} s"
+
+
+@pytest.mark.parametrize("svd", ["exact", "randomized"])
+def test_component_breakdown_times_every_part(svd):
+    rows = speed.component_breakdown(64, 96, 2, baselines.RECIPES["pact_tsv"], svd)
+    body = [r for r in rows if r.startswith("| ") and not r.startswith("| part")]
+    assert len(body) == 7 and body[-1].startswith("| total")
+    assert all(float(r.split("|")[2]) > 0 for r in body)
