@@ -255,11 +255,12 @@ def evaluate_method(
     alphas: Sequence[float],
     pact_kwargs: Mapping[str, Any] | None = None,
     test: bool = True,
+    alphas_extend: Sequence[float] = ALPHAS_EXTEND,
 ) -> dict[str, Any]:
     """Merge once, choose alpha on validation (first maximum), report test there.
 
-    The grid is ``alphas``, extended by :data:`ALPHAS_EXTEND` one value at a
-    time while its largest value is the best.
+    The grid is ``alphas``, extended by ``alphas_extend`` (default
+    :data:`ALPHAS_EXTEND`) one value at a time while its largest value is the best.
     """
     t0 = time.perf_counter()
     delta = merged_delta(ev, method, use_pact, pact_kwargs)
@@ -270,7 +271,7 @@ def evaluate_method(
     else:
         grid = tuple(alphas)
         val = ev.sweep(delta, grid)
-        extra = [a for a in ALPHAS_EXTEND if a > max(grid)]
+        extra = [a for a in alphas_extend if a > max(grid)]
         while extra and int(np.argmax(val)) == len(grid) - 1:
             grid += (extra.pop(0),)
             val = np.concatenate([val, ev.sweep(delta, grid[-1:])])
@@ -284,7 +285,8 @@ def evaluate_method(
 
 
 def evaluate_methods(
-    ev: TaskEvaluator, methods: Sequence[str], alphas: Sequence[float], log: Callable[[str], None]
+    ev: TaskEvaluator, methods: Sequence[str], alphas: Sequence[float], log: Callable[[str], None],
+    alphas_extend: Sequence[float] = ALPHAS_EXTEND,
 ) -> dict[str, Any]:
     """Baselines and every method without / with PACT on one evaluator: one ``per_T[t][seed]`` entry."""
     res: dict[str, Any] = {
@@ -297,8 +299,8 @@ def evaluate_methods(
         "methods": {},
     }
     for method in methods:
-        plain = evaluate_method(ev, method, False, alphas)
-        with_pact = evaluate_method(ev, method, True, alphas)
+        plain = evaluate_method(ev, method, False, alphas, alphas_extend=alphas_extend)
+        with_pact = evaluate_method(ev, method, True, alphas, alphas_extend=alphas_extend)
         with_pact["energy_removed"] = pact_energy_removed(ev, method)
         res["methods"][method] = {"plain": plain, "pact": with_pact}
         log(

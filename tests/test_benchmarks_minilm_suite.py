@@ -145,7 +145,7 @@ def test_tiny_pipeline_end_to_end(tmp_path, capsys):
             r = per_seed["methods"][method][variant]
             accs.append(r["per_task"])
             assert len(r["per_task"]) == 2
-            assert r["alpha"] in cfg.alphas + suite.quality.ALPHAS_EXTEND
+            assert r["alpha"] in cfg.alphas + suite.ALPHAS_EXTEND
             assert 0.0 <= r["val_mean"] <= 1.0
             assert r["normalized"] == pytest.approx(np.mean(np.asarray(r["per_task"]) / ft))
         assert 0.0 <= per_seed["methods"][method]["pact"]["energy_removed"] <= 1.0
