@@ -15,10 +15,12 @@ workspace). Groups are sized so this estimate stays within ``budget_bytes``;
 a single leaf larger than the budget is merged alone and reported. The factor
 was measured with ``python -m benchmarks.streaming`` (benchmarks/RESULTS.md),
 which also measures the bound: once the runtime is warm (programs compiled
-for the group shapes) and the inputs are opened, peak RSS stays within 2x
-the budget for models 1x to 8x the budget, given
-:func:`limit_malloc_retention` (on by default). Opening the inputs costs
-memory inside orbax per leaf and checkpoint (RESULTS.md).
+for the group shapes), peak RSS while the groups are merged stays within the
+budget + 4 to 22 MiB for models 1x to 8x the budget, given
+:func:`limit_malloc_retention` (on by default). Opening orbax inputs costs
+no memory per leaf (:func:`pact_jax.io.orbax.read_array_metadata` opens no
+array). Not bounded: orbax's ``finalize`` of the output, which merges one
+partial save per group (+73 MiB at 344 groups, RESULTS.md).
 
 Over a device mesh (``mesh=``, the CLI's ``--mesh``; several hosts with
 ``jax.distributed``, the CLI's ``--distributed``) each group is restored
