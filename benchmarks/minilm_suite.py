@@ -581,6 +581,25 @@ def reading(results: Mapping[str, Any]) -> list[str]:
             f"{best} {plain[best]:.1f}. Paired PACT − plain (points, mean ± std over {len(seeds)} seed(s)): "
             + ", ".join(parts) + f". {verdict} (clear = mean change beyond 0.5 points and beyond its spread over seeds)."
         )
+    unstable = []
+    for t, seeds in results["per_T"].items():
+        seeds = list(seeds.values())
+        for m in seeds[0]["methods"]:
+            for v in ("plain", "pact"):
+                acc = 100 * np.asarray([s["methods"][m][v]["mean"] for s in seeds])
+                al = [s["methods"][m][v]["alpha"] for s in seeds]
+                if acc.size > 1 and acc.std(ddof=1) > 2.0 and max(al) > 3 * min(al):
+                    unstable.append(f"{m}{' + PACT' if v == 'pact' else ''} at T = {t} (alpha "
+                                    + "/".join(f"{a:g}" for a in al) + ", test "
+                                    + "/".join(f"{a:.1f}" for a in acc) + ")")
+    if unstable:
+        lines.append(
+            "- Unstable alpha selection (seeds' test accuracies spread by more than 2 points and chosen alphas by "
+            "more than 3x): " + "; ".join(unstable) + ". Where the chosen alphas split into small (1-2.5) and large (5-20) values, the small ones go with "
+            "the lower test accuracy: consistent with a validation curve that dips after a first bump and rises "
+            "again, where the grid extension (which stops at the first drop) ends on the first bump (inferred from "
+            "the choices, no full sweep was run). These means and PACT deltas are dominated by that choice, not by "
+            "the merge itself.")
     held = [b for b in results.get("bars", []) if b["holds"]]
     failed = [b for b in results.get("bars", []) if not b["holds"]]
     lines.append(f"- Quality bars: {len(held)} of {len(held) + len(failed)} hold"
