@@ -48,6 +48,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from pact_jax import sharding
+from pact_jax.buckets import WORKING_SET_FACTOR, plan_groups, working_set_bytes  # noqa: F401 (re-exported)
 from pact_jax.io import FORMATS, SUFFIXES, detect_format, open_reader, open_writer
 from pact_jax.io.base import (
     CheckpointError,
@@ -60,11 +61,6 @@ from pact_jax.io.base import (
     unflatten,
 )
 from pact_jax.tree import PactInputError, check_finite
-
-# Peak bytes of merging a group (its T+1 checkpoints' leaves as read included)
-# / bytes of its float32 stacked task vectors. Sampled RSS, T=8, 16 leaves of
-# 128x128, after a warm-up: PACT(scalar) + TIES 3.6, PACT(subspace) + TSV 4.7.
-WORKING_SET_FACTOR = 5.0
 
 # glibc's malloc: blocks from this size up are mmap-ed and unmapped when freed.
 MMAP_THRESHOLD_BYTES = 128 << 10
@@ -167,59 +163,6 @@ def check_compatible(pretrained: CheckpointReader, finetuned: Sequence[Checkpoin
                     f"{reader.path}: leaf '{p}' has dtype {got.dtype}, pre-trained has {want.dtype}; "
                     "cast the checkpoints to one dtype before merging."
                 )
-
-
-def _is_float(s: jax.ShapeDtypeStruct) -> bool:
-    return bool(jax.numpy.issubdtype(s.dtype, jax.numpy.floating))
-
-
-def working_set_bytes(meta: Mapping[str, jax.ShapeDtypeStruct], paths: Sequence[str], num_tasks: int) -> int:
-    """Estimated peak bytes of merging ``paths`` for ``num_tasks`` tasks."""
-    elems = sum(int(np.prod(meta[p].shape)) for p in paths)
-    return int(WORKING_SET_FACTOR * num_tasks * elems * 4)
-
-
-def plan_groups(
-    meta: Mapping[str, jax.ShapeDtypeStruct],
-    num_tasks: int,
-    budget_bytes: int | None,
-) -> list[list[str]]:
-    """Groups of float leaf paths, each merged in one go.
-
-    Leaves are bucketed by shape (so a group feeds whole vmapped buckets to
-    the kernels). Without a budget there is one group. With one, a bucket
-    too large for the budget is split into equal chunks, and small buckets
-    are packed together first-fit, each group's :func:`working_set_bytes`
-    within ``budget_bytes`` unless a single leaf alone exceeds it.
-    """
-    floats = [p for p, s in meta.items() if _is_float(s)]
-    if budget_bytes is None:
-        return [floats] if floats else []
-    if budget_bytes <= 0:
-        raise ValueError(f"budget_bytes must be positive, got {budget_bytes}.")
-    buckets: dict[tuple[int, ...], list[str]] = {}
-    for p in floats:
-        buckets.setdefault(tuple(meta[p].shape), []).append(p)
-    chunks: list[list[str]] = []
-    for paths in buckets.values():
-        per_leaf = working_set_bytes(meta, paths[:1], num_tasks)
-        fit = max(1, budget_bytes // max(per_leaf, 1))
-        n_chunks = -(-len(paths) // fit)
-        # Near-equal chunks: at most two batch sizes per shape to compile.
-        chunks.extend(list(c) for c in np.array_split(np.asarray(paths, dtype=object), n_chunks))
-    groups: list[list[str]] = []
-    loads: list[int] = []
-    for chunk in sorted(chunks, key=lambda c: -working_set_bytes(meta, c, num_tasks)):
-        cost = working_set_bytes(meta, chunk, num_tasks)
-        for i, load in enumerate(loads):
-            if load + cost <= budget_bytes:
-                groups[i].extend(chunk)
-                loads[i] += cost
-                break
-        else:
-            groups.append(list(chunk))
-            loads.append(cost)
-    return groups
 
 
 def _check_not_inside(output: Path, inputs: Sequence[Path]) -> None:
