@@ -319,6 +319,22 @@ class WordPiece:
 TokenizerFn = Callable[..., tuple[np.ndarray, np.ndarray]]
 
 
+def pad_batch(seqs: Sequence[Sequence[int]], pad_to: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Token id lists -> ``(ids, mask)``, both ``(B, n)`` int32, zero-padded to the
+    longest sequence (or ``pad_to``, which must not be shorter)."""
+    n = max(len(s) for s in seqs)
+    if pad_to is not None:
+        if pad_to < n:
+            raise ValueError(f"pad_to={pad_to} < longest sequence {n}")
+        n = pad_to
+    ids = np.zeros((len(seqs), n), np.int32)
+    mask = np.zeros((len(seqs), n), np.int32)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = s
+        mask[i, : len(s)] = 1
+    return ids, mask
+
+
 def make_tokenizer(path: Path | None = None, backend: str = "auto",
                    max_length: int = MAX_SEQ_LENGTH) -> TokenizerFn:
     """``fn(texts, pad_to=None) -> (ids, mask)``, int32 ``(batch, length)``.
@@ -358,18 +374,7 @@ def make_tokenizer(path: Path | None = None, backend: str = "auto",
     def fn(texts: Sequence[str], pad_to: int | None = None):
         if isinstance(texts, str):
             texts = [texts]
-        seqs = encode_all(texts)
-        n = max(len(s) for s in seqs)
-        if pad_to is not None:
-            if pad_to < n:
-                raise ValueError(f"pad_to={pad_to} < longest sequence {n}")
-            n = pad_to
-        ids = np.zeros((len(seqs), n), np.int32)
-        mask = np.zeros((len(seqs), n), np.int32)
-        for i, s in enumerate(seqs):
-            ids[i, : len(s)] = s
-            mask[i, : len(s)] = 1
-        return ids, mask
+        return pad_batch(encode_all(texts), pad_to)
 
     fn.backend = backend
     return fn

@@ -37,6 +37,8 @@ from typing import NamedTuple
 
 import numpy as np
 
+from benchmarks.minilm import pad_batch
+
 # ----------------------------------------------------------------------------- word lists
 
 NAMES = ("anna", "ben", "carl", "dora", "emma", "frank", "grace", "henry", "iris", "jack", "kate", "leo",
@@ -352,15 +354,4 @@ class WordTokenizer:
     def __call__(self, texts: Sequence[str], pad_to: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         if isinstance(texts, str):
             texts = [texts]
-        seqs = [[1] + [self.vocab.get(w, 3) for w in t.split()] + [2] for t in texts]
-        n = max(len(s) for s in seqs)
-        if pad_to is not None:
-            if pad_to < n:
-                raise ValueError(f"pad_to={pad_to} < longest sequence {n}")
-            n = pad_to
-        ids = np.zeros((len(seqs), n), np.int32)
-        mask = np.zeros((len(seqs), n), np.int32)
-        for i, s in enumerate(seqs):
-            ids[i, : len(s)] = s
-            mask[i, : len(s)] = 1
-        return ids, mask
+        return pad_batch([[1] + [self.vocab.get(w, 3) for w in t.split()] + [2] for t in texts], pad_to)
