@@ -155,6 +155,15 @@ def read_array_metadata(item: Path) -> dict[tuple[str, ...], jax.ShapeDtypeStruc
     return {p: out[p] for p in sorted(out)}
 
 
+def joined_paths(
+    meta: Mapping[tuple[str, ...], jax.ShapeDtypeStruct], where: str
+) -> dict[str, jax.ShapeDtypeStruct]:
+    """``{key tuple: m}`` (from :func:`read_array_metadata`) as ``{'a/b/c': m}``,
+    after checking that no key holds the separator (else paths are ambiguous)."""
+    check_key_names(traverse_util.unflatten_dict(dict(meta)), where)
+    return {SEP.join(k): m for k, m in meta.items()}
+
+
 def _read_ocdbt_keys(item: Path, keys: Sequence[str]) -> list[bytes] | None:
     """Values of ``keys`` in the OCDBT database at ``item`` (``None`` if one is missing)."""
     if not (item / _OCDBT_MANIFEST).is_file():
@@ -199,11 +208,7 @@ class Reader(CheckpointReader):
     def metadata(self) -> dict[str, jax.ShapeDtypeStruct]:
         if self._meta is None:
             fast = read_array_metadata(self.item)
-            if fast is not None:
-                check_key_names(traverse_util.unflatten_dict(fast), str(self.item))
-                self._meta = {SEP.join(k): m for k, m in fast.items()}
-            else:
-                self._meta = self._orbax_metadata()
+            self._meta = self._orbax_metadata() if fast is None else joined_paths(fast, str(self.item))
         return self._meta
 
     def _orbax_metadata(self) -> dict[str, jax.ShapeDtypeStruct]:

@@ -524,13 +524,11 @@ class _OrbaxReader(Reader):
         """``target``'s leaves from orbax's metadata files, opening no array
         (:func:`pact_jax.io.orbax.read_array_metadata`: orbax's own metadata
         path keeps ~27 KiB per leaf); ``None`` if that layout is not covered."""
-        from pact_jax.io.orbax import read_array_metadata
+        from pact_jax.io.orbax import joined_paths, read_array_metadata
 
         fast = read_array_metadata(self.item)
-        if fast is None:
-            return None
-        meta = {SEP.join(k[1:]): v for k, v in fast.items() if k[0] == TARGET and len(k) > 1}
-        return meta or None
+        target = {k[1:]: v for k, v in (fast or {}).items() if k[0] == TARGET and len(k) > 1}
+        return joined_paths(target, f"{self.item}/{TARGET}") if target else None
 
     def restore(self, item: Any, restore_args: Any) -> Any:
         """Partial restore of ``item`` (a sub-tree of :meth:`tree_metadata`)."""

@@ -191,6 +191,23 @@ def test_fallback_to_orbax_for_layouts_not_covered(tmp_path):
         io.open_reader(dest).metadata()
 
 
+def test_t5x_fast_path_rejects_target_keys_with_slashes(tmp_path):
+    manager = ocp.CheckpointManager(
+        tmp_path / "t5x",
+        item_names=("state",),
+        item_handlers={"state": ocp.PyTreeCheckpointHandler()},
+        options=ocp.CheckpointManagerOptions(step_prefix="checkpoint", create=True),
+    )
+    state = {"target": {"a/b": np.ones(2, np.float32)}, "state": {"step": np.array(1, np.int32)}}
+    manager.save(1, args=ocp.args.Composite(state=ocp.args.PyTreeSave(state)))
+    manager.wait_until_finished()
+    manager.close()
+    step = tmp_path / "t5x" / "checkpoint_1"
+    assert orbax_io.read_array_metadata((step / "state").absolute()) is not None  # the fast path is taken
+    with pytest.raises(CheckpointError, match="free of '/'"):
+        t5x.Reader(step).metadata()
+
+
 def test_fast_path_rejects_keys_with_slashes(tmp_path):
     item = save_with_handler(tmp_path / "c", {"a/b": np.ones(2, np.float32)})
     assert orbax_io.read_array_metadata(item.absolute()) is not None
