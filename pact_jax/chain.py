@@ -149,7 +149,9 @@ def _grouped(
 ) -> PyTree:
     """``run_steps`` on sub-trees of the leaves of each group of :func:`buckets.plan_groups`;
     the other leaves are ``None`` (empty sub-trees), so paths, rules and per-leaf keys are unchanged."""
-    check_task_list(pretrained, finetuned)  # whole-tree checks first: errors name the leaf either way
+    # Structure, shapes and dtypes over the whole tree first; each group's
+    # task_vectors then checks its own values for NaN/Inf (one pass, not two).
+    check_task_list(pretrained, finetuned, finite=False)
     items = leaves_with_paths(pretrained)
     groups = buckets.plan_groups(dict(items), len(finetuned), budget_bytes)
     merged: dict[str, object] = {}

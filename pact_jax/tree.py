@@ -175,9 +175,10 @@ def check_fraction(value: float, name: str, *, allow_zero: bool = False) -> floa
 # Task vectors
 
 
-def check_task_list(pretrained: PyTree, finetuned: Sequence[PyTree]) -> None:
+def check_task_list(pretrained: PyTree, finetuned: Sequence[PyTree], *, finite: bool = True) -> None:
     """The checks of :func:`task_vectors`: a non-empty sequence of fine-tuned
-    pytrees with ``pretrained``'s structure, shapes and float dtypes, all finite."""
+    pytrees with ``pretrained``'s structure, shapes and float dtypes, all
+    finite (``finite=False``: every check but that pass over the values)."""
     if isinstance(finetuned, dict) or not isinstance(finetuned, Sequence) or isinstance(finetuned, str):
         raise PactInputError(
             "finetuned must be a sequence (list or tuple) of parameter pytrees, one per task; "
@@ -186,10 +187,12 @@ def check_task_list(pretrained: PyTree, finetuned: Sequence[PyTree]) -> None:
     if len(finetuned) == 0:
         raise PactInputError("finetuned is empty: pass at least one fine-tuned checkpoint.")
     check_floating(pretrained, "pretrained")
-    check_finite(pretrained, "pretrained")
+    if finite:
+        check_finite(pretrained, "pretrained")
     for i, ft in enumerate(finetuned):
         check_same_leaves(pretrained, ft, "pretrained", f"finetuned[{i}]")
-        check_finite(ft, f"finetuned[{i}]")
+        if finite:
+            check_finite(ft, f"finetuned[{i}]")
 
 
 def task_vectors(

@@ -126,6 +126,9 @@ def test_budget_keeps_input_checks_and_rejects_bad_budgets(tiny_models):
     bad = jax.tree_util.tree_map(lambda x: x.at[(0,) * x.ndim].set(float("nan")), fts[1])
     with pytest.raises(pact_jax.PactInputError, match=r"finetuned\[1\].*NaN|NaN.*finetuned\[1\]"):
         merge(pre, [fts[0], bad])
+    bad_pre = jax.tree_util.tree_map(lambda x: x.at[(0,) * x.ndim].set(float("inf")), pre)
+    with pytest.raises(pact_jax.PactInputError, match="pretrained"):
+        merge(bad_pre, fts)
     with pytest.raises(pact_jax.PactInputError, match="empty"):
         merge(pre, [])
     for budget in (0, -1, 1.5, True):
