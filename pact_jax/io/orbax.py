@@ -9,29 +9,41 @@ orbax's own files without opening any array (:func:`read_array_metadata`: the
 ``_METADATA`` tree and each array's zarr ``zarr.json`` / ``.zarray``, read from
 the OCDBT key-value store in one batch), falling back to orbax's metadata path
 (which opens every leaf's TensorStore array, and keeps memory per leaf) for
-layouts it does not cover. Leaves are restored lazily with
-``PyTreeRestore(partial_restore=True)``: only the leaves asked for are read,
-as host NumPy arrays, or as ``jax.Array`` placed with the ``shardings`` given
-(restoring straight into the target sharding, without a host copy of the whole
-leaf).
+layouts it does not cover. Leaves are read lazily, only those asked for, as
+host NumPy arrays or as ``jax.Array`` placed with the ``shardings`` given
+(restoring straight into the target sharding, without a host copy of the
+whole leaf): through orbax's type handlers (``ocp.type_handlers.NumpyHandler``
+/ ``ArrayHandler``.deserialize) when the metadata came from the files, else
+with ``PyTreeRestore(partial_restore=True)``, which parses the whole
+``_METADATA`` tree on every call (~10x slower per group, RESULTS.md).
 
-Writing uses ``orbax.checkpoint.v1.partial``: each :meth:`Writer.write` call
-adds a disjoint group of leaves to a pending checkpoint, ``finalize`` commits
-it, and the finished directory is renamed into place. ``jax.Array`` leaves are
-saved as they are, sharded: in a multi-process run (``jax.distributed``) every
-process creates the writer and calls ``write``/``commit`` with the same global
-arrays and writes only its own shards (orbax's own barriers; NumPy leaves are
-written by process 0); all processes share one staging directory, which
-process 0 renames into place after ``finalize``, when every process is done. The result is an orbax
-v1 checkpoint: load it with ``ocp.v1.load(path)`` or
-``pact_jax.io.load(path)`` (``ocp.StandardCheckpointer().restore(path + "/state")``
-also works).
+Writing streams groups of leaves into one PyTree item: each :meth:`Writer.write`
+serializes its leaves with orbax's type handlers (``NumpyHandler`` for host
+arrays, ``ArrayHandler`` for ``jax.Array`` s, saved as they are, sharded)
+into the item's per-process OCDBT database, and :meth:`Writer.commit` writes
+``_METADATA`` once, merges the per-process databases
+(``ocp.type_handlers.merge_ocdbt_per_process_files``, as orbax's own
+``finalize`` does), adds the checkpoint-level files and renames the finished
+directory into place. ``orbax.checkpoint.v1.partial`` would do the same job
+with one sub-checkpoint per group, and its ``finalize`` costs memory and time
+per group (+73 MiB at 344 groups, benchmarks/RESULTS.md). In a multi-process
+run (``jax.distributed``) every process creates the writer and calls
+``write``/``commit`` with the same global arrays and writes only its own
+shards (NumPy leaves are written by process 0); all processes share one
+staging directory, which process 0 completes and renames into place once
+every process is done. The result is the layout of an orbax v1 save: load it
+with ``ocp.v1.load(path)`` or ``pact_jax.io.load(path)``
+(``ocp.StandardCheckpointer().restore(path + "/state")`` also works);
+``tests/io/test_io_formats.py`` checks it against what orbax itself writes.
 """
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import json
 import os
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -40,8 +52,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import tensorstore as ts
+from etils import epath
 from flax import traverse_util
-from orbax.checkpoint import v1 as ocp_v1
 
 from pact_jax.io.base import (
     SEP,
@@ -188,6 +200,101 @@ def _read_files(item: Path, keys: Sequence[str]) -> list[bytes] | None:
         return None
 
 
+# --------------------------------------------------------------------------
+# Leaves through orbax's type handlers (no PyTree handler, no partial saves)
+
+# The PyTree item of an orbax v1 save, and its checkpoint-level files.
+ITEM = "state"
+_CHECKPOINT_METADATA = "_CHECKPOINT_METADATA"
+_INDICATOR = "orbax.checkpoint"
+_COMMIT_MARKER = "commit_success.txt"
+# What orbax v1 records as the handler of a PyTree item (checked against orbax's own save in the tests).
+_PYTREE_HANDLER = "orbax.checkpoint.experimental.v1._src.handlers.pytree_handler.PyTreeHandler"
+# Bytes of OCDBT B-tree nodes a reader or writer caches (orbax's default is 100 MB per context:
+# one per input checkpoint of a streamed merge).
+_OCDBT_CACHE_BYTES = 4 << 20
+
+
+def item_storage(item: Path) -> tuple[bool, bool]:
+    """``(use_ocdbt, use_zarr3)`` of the PyTree item ``item``, from its ``_METADATA``."""
+    try:
+        md = json.loads((item / _METADATA).read_text())
+        return bool(md["use_ocdbt"]), bool(md.get("use_zarr3", False))
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{item / _METADATA}: cannot read the storage format ({e}).") from e
+
+
+def param_name(keys: Sequence[str]) -> str:
+    """orbax's name of the leaf at ``keys`` (``ParamInfo.name``: its zarr array in the item)."""
+    return ".".join(keys)
+
+
+def ts_context() -> ts.Context:
+    """orbax's TensorStore context for OCDBT items, with a smaller B-tree node cache."""
+    ctx = ocp.type_handlers.get_ts_context(use_ocdbt=True).spec.to_json()
+    ctx["cache_pool#ocdbt"] = {"total_bytes_limit": _OCDBT_CACHE_BYTES}
+    return ts.Context(ctx)
+
+
+def _run(coro):
+    """Runs ``coro`` to completion, also where an event loop is already running (Jupyter)."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(coro)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, coro).result()
+
+
+def _param_info(item: Path, name: str, use_ocdbt: bool, use_zarr3: bool, context: ts.Context):
+    return ocp.type_handlers.ParamInfo(
+        name=name,
+        parent_dir=epath.Path(item),
+        is_ocdbt_checkpoint=use_ocdbt,
+        use_zarr3=use_zarr3,
+        ts_context=context,
+    )
+
+
+def read_leaves(
+    item: Path,
+    names: Mapping[str, str],
+    *,
+    use_ocdbt: bool,
+    use_zarr3: bool,
+    context: ts.Context,
+    shardings: Mapping[str, jax.sharding.Sharding] | None = None,
+) -> dict[str, Any]:
+    """Reads the arrays ``{path: orbax name}`` of ``item`` with orbax's type handlers.
+
+    Host NumPy arrays, or ``jax.Array`` with ``shardings[path]`` (each process
+    reading only its devices' shards). One batch per handler: no ``_METADATA``
+    parsing, unlike a ``PyTreeRestore``.
+    """
+    shardings = shardings or {}
+    host = [p for p in names if p not in shardings]
+    placed = [p for p in names if p in shardings]
+
+    def infos(paths):
+        return [_param_info(item, names[p], use_ocdbt, use_zarr3, context) for p in paths]
+
+    async def read():
+        jobs = []
+        if host:
+            args = [ocp.RestoreArgs(restore_type=np.ndarray)] * len(host)
+            jobs.append(ocp.type_handlers.NumpyHandler().deserialize(infos(host), args))
+        if placed:
+            args = [ocp.ArrayRestoreArgs(sharding=shardings[p]) for p in placed]
+            jobs.append(ocp.type_handlers.ArrayHandler().deserialize(infos(placed), args))
+        return [a for batch in await asyncio.gather(*jobs) for a in batch]
+
+    try:
+        arrays = _run(read())
+    except Exception as e:  # tensorstore and orbax raise many types for missing or broken data
+        raise CheckpointError(f"{item}: cannot read leaves {list(names)[:3]}... ({e}).") from e
+    return dict(zip(host + placed, arrays))
+
+
 def _restore_arg(sharding: jax.sharding.Sharding | None) -> ocp.RestoreArgs:
     if sharding is None:
         return ocp.RestoreArgs(restore_type=np.ndarray)
@@ -204,11 +311,17 @@ class Reader(CheckpointReader):
         # The handler, not a Checkpointer: no step-level metadata is needed (nor warned about).
         self._handler = ocp.PyTreeCheckpointHandler()
         self._meta: dict[str, jax.ShapeDtypeStruct] | None = None
+        self._storage: tuple[bool, bool] | None = None  # set where the metadata came from the files
+        self._context: ts.Context | None = None
 
     def metadata(self) -> dict[str, jax.ShapeDtypeStruct]:
         if self._meta is None:
             fast = read_array_metadata(self.item)
-            self._meta = self._orbax_metadata() if fast is None else joined_paths(fast, str(self.item))
+            if fast is None:
+                self._meta = self._orbax_metadata()
+            else:
+                self._meta = joined_paths(fast, str(self.item))
+                self._storage = item_storage(self.item)
         return self._meta
 
     def _orbax_metadata(self) -> dict[str, jax.ShapeDtypeStruct]:
@@ -225,12 +338,29 @@ class Reader(CheckpointReader):
         paths: Sequence[str],
         shardings: Mapping[str, jax.sharding.Sharding] | None = None,
     ) -> dict[str, Any]:
-        """Restores ``paths`` only; NumPy arrays, or ``jax.Array`` with ``shardings[path]``."""
+        """Reads ``paths`` only; NumPy arrays, or ``jax.Array`` with ``shardings[path]``."""
         self.check_paths(paths)
         meta = self.metadata()
         if not paths:
             return {}
-        shardings = shardings or {}
+        if self._storage is not None:
+            if self._context is None:
+                self._context = ts_context()
+            use_ocdbt, use_zarr3 = self._storage
+            names = {p: param_name(p.split(SEP)) for p in paths}
+            flat = read_leaves(
+                self.item, names, use_ocdbt=use_ocdbt, use_zarr3=use_zarr3, context=self._context, shardings=shardings
+            )
+        else:
+            flat = self._restore(paths, meta, shardings or {})
+        for p in paths:
+            got, want = flat[p], meta[p]
+            if tuple(got.shape) != tuple(want.shape):
+                raise CheckpointError(f"{self.item}: leaf '{p}' restored as {got.shape}, metadata says {want.shape}.")
+        return {p: flat[p] for p in paths}
+
+    def _restore(self, paths, meta, shardings) -> dict[str, Any]:
+        """orbax's partial restore (layouts :func:`read_array_metadata` does not cover)."""
         item = unflatten({p: meta[p] for p in paths})
         restore_args = unflatten({p: _restore_arg(shardings.get(p)) for p in paths})
         try:
@@ -240,15 +370,44 @@ class Reader(CheckpointReader):
             )
         except Exception as e:
             raise CheckpointError(f"{self.item}: cannot restore leaves {list(paths)[:3]}... ({e}).") from e
-        flat = flatten(restored)
-        for p in paths:
-            got, want = flat[p], meta[p]
-            if tuple(got.shape) != tuple(want.shape):
-                raise CheckpointError(f"{self.item}: leaf '{p}' restored as {got.shape}, metadata says {want.shape}.")
-        return {p: flat[p] for p in paths}
+        return flatten(restored)
 
     def close(self) -> None:
         self._handler.close()
+        self._context = None
+
+
+def tree_metadata_json(value_types: Mapping[tuple[str, ...], str], *, use_zarr3: bool = True) -> dict:
+    """The ``_METADATA`` orbax writes for a tree of nested dicts with these leaves.
+
+    ``value_types``: ``{key tuple: orbax type string}`` (``"np.ndarray"``,
+    ``"jax.Array"``); entries in the order orbax flattens the tree (sorted).
+    """
+    entries = {}
+    for keys in sorted(value_types):
+        entries[str(tuple(keys))] = {
+            "key_metadata": [{"key": k, "key_type": _DICT_KEY} for k in keys],
+            "value_metadata": {"value_type": value_types[keys], "skip_deserialize": False},
+        }
+    return {
+        "tree_metadata": entries,
+        "use_ocdbt": True,
+        "use_zarr3": use_zarr3,
+        "store_array_data_equal_to_fill_value": True,
+        "custom_metadata": None,
+    }
+
+
+def checkpoint_metadata_json(now_ns: int) -> dict:
+    """The checkpoint-level ``_CHECKPOINT_METADATA`` of an orbax v1 save of one PyTree."""
+    return {
+        "item_handlers": {ITEM: _PYTREE_HANDLER},
+        "metrics": {},
+        "performance_metrics": {},
+        "init_timestamp_nsecs": now_ns,
+        "commit_timestamp_nsecs": now_ns,
+        "custom_metadata": {},
+    }
 
 
 class Writer(CheckpointWriter):
@@ -260,30 +419,64 @@ class Writer(CheckpointWriter):
         check_key_names(unflatten(self.template), str(self.path))
         # orbax wants absolute paths; every process writes into process 0's staging directory.
         self._staged = staging_path(self.path.absolute(), shared=True)
+        self._item = self._staged / ITEM
+        self._types: dict[tuple[str, ...], str] = {}
+        self._context = ts_context()
+        self._started = time.time_ns()
+        if is_primary_process():
+            self._item.mkdir(parents=True)
+        sync_processes(f"created {self._staged}")
 
     def _write(self, arrays: Mapping[str, Any]) -> None:
         # jax.Arrays are saved as they are (sharded, each process its shards);
-        # anything else as an ndarray (orbax has no handler for NumPy scalars).
-        tree = {p: a if isinstance(a, jax.Array) else np.asarray(a) for p, a in arrays.items()}
+        # anything else as an ndarray (NumPy scalars included).
+        placed = {p: a for p, a in arrays.items() if isinstance(a, jax.Array)}
+        host = {p: np.asarray(a) for p, a in arrays.items() if p not in placed}
+
+        def infos(paths):
+            return [_param_info(self._item, param_name(p.split(SEP)), True, True, self._context) for p in paths]
+
+        async def save():
+            futures = []
+            if host:
+                # No defensive copy: the merge does not touch a group once it is handed over.
+                handler = ocp.type_handlers.NumpyHandler(deepcopy_host_arrays=False)
+                futures += await handler.serialize(list(host.values()), infos(host))
+            if placed:
+                futures += await ocp.type_handlers.ArrayHandler().serialize(list(placed.values()), infos(placed))
+            for f in futures:
+                f.result()
+
         try:
-            ocp_v1.partial.save(self._staged, unflatten(tree))
+            _run(save())
         except Exception as e:
-            raise CheckpointError(f"{self._staged}: orbax partial save of leaves {list(arrays)[:3]} failed ({e}).") from e
+            raise CheckpointError(f"{self._item}: orbax cannot save leaves {list(arrays)[:3]}... ({e}).") from e
+        for p in host:
+            self._types[tuple(p.split(SEP))] = "np.ndarray"
+        for p in placed:
+            self._types[tuple(p.split(SEP))] = "jax.Array"
 
     def _commit(self) -> None:
         if not self.template:
             raise CheckpointError(f"{self.path}: nothing to write (empty template).")
-        try:
-            ocp_v1.partial.finalize(self._staged)  # collective: process 0 merges and renames
-        except Exception as e:
-            raise CheckpointError(f"{self._staged}: orbax finalize failed ({e}).") from e
+        sync_processes(f"wrote the leaves of {self._staged}")  # every process's shards are on disk
         if is_primary_process():
+            try:
+                (self._item / _METADATA).write_text(json.dumps(tree_metadata_json(self._types)))
+                # One database for the item, as orbax's finalize leaves it (its data stays in ocdbt.process_*/).
+                _run(
+                    ocp.type_handlers.merge_ocdbt_per_process_files(
+                        epath.Path(self._item), ts_context=self._context, use_zarr3=True, enable_validation=False
+                    )
+                )
+                (self._staged / _CHECKPOINT_METADATA).write_text(json.dumps(checkpoint_metadata_json(self._started)))
+                (self._staged / _INDICATOR).touch()
+                (self._staged / _COMMIT_MARKER).write_text(f"Checkpoint commit was successful to {self.path}")
+            except Exception as e:
+                raise CheckpointError(f"{self._staged}: cannot complete the orbax checkpoint ({e}).") from e
             publish(self._staged, self.path)
         sync_processes(f"published {self.path}")
 
     def abort(self) -> None:
-        if not is_primary_process():  # the staging directory is process 0's to remove
-            return
-        # orbax keeps pending partial saves in siblings named after the staging path.
-        for p in self._staged.parent.glob(self._staged.name + "*"):
-            remove(p)
+        if is_primary_process():  # the staging directory is process 0's to remove
+            remove(self._staged)
