@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import functools
 import json
 import os
 import time
@@ -210,9 +211,8 @@ _INDICATOR = "orbax.checkpoint"
 _COMMIT_MARKER = "commit_success.txt"
 # What orbax v1 records as the handler of a PyTree item (checked against orbax's own save in the tests).
 _PYTREE_HANDLER = "orbax.checkpoint.experimental.v1._src.handlers.pytree_handler.PyTreeHandler"
-# Bytes of OCDBT B-tree nodes a reader or writer caches (orbax's default is 100 MB per context:
-# one per input checkpoint of a streamed merge).
-_OCDBT_CACHE_BYTES = 4 << 20
+# Bytes of OCDBT B-tree nodes cached per checkpoint (orbax's default: 100 MB); see ts_context.
+_OCDBT_CACHE_BYTES = 0
 
 
 def item_storage(item: Path) -> tuple[bool, bool]:
@@ -229,11 +229,26 @@ def param_name(keys: Sequence[str]) -> str:
     return ".".join(keys)
 
 
+@functools.cache
+def _shared_pools() -> ts.Context:
+    """orbax's TensorStore thread pools, one set for the process (see :func:`ts_context`)."""
+    spec = ocp.type_handlers.get_ts_context(use_ocdbt=True).spec.to_json()
+    return ts.Context({k: v for k, v in spec.items() if not k.startswith("cache_pool")})
+
+
 def ts_context() -> ts.Context:
-    """orbax's TensorStore context for OCDBT items, with a smaller B-tree node cache."""
-    ctx = ocp.type_handlers.get_ts_context(use_ocdbt=True).spec.to_json()
-    ctx["cache_pool#ocdbt"] = {"total_bytes_limit": _OCDBT_CACHE_BYTES}
-    return ts.Context(ctx)
+    """A TensorStore context for one checkpoint's reads or writes: orbax's, without its
+    OCDBT B-tree cache, on the process's shared thread pools.
+
+    Measured reading 9 checkpoints of 512 leaves group by group (80 groups):
+    with orbax's context per checkpoint (100 MB B-tree cache each) RSS grew by
+    177 MiB; with a 4 MiB cache per checkpoint still by 112 MiB (it holds more
+    than it counts); with no cache and one set of thread pools by 2 MiB, at
+    the same speed (local disk; separate pools: 8 MiB). The cache is not
+    shared across checkpoints: it would serve a checkpoint's old B-tree after
+    its path was overwritten.
+    """
+    return ts.Context({"cache_pool#ocdbt": {"total_bytes_limit": _OCDBT_CACHE_BYTES}}, parent=_shared_pools())
 
 
 def _run(coro):
@@ -259,6 +274,7 @@ def _param_info(item: Path, name: str, use_ocdbt: bool, use_zarr3: bool, context
 def read_leaves(
     item: Path,
     names: Mapping[str, str],
+    meta: Mapping[str, jax.ShapeDtypeStruct],
     *,
     use_ocdbt: bool,
     use_zarr3: bool,
@@ -269,7 +285,8 @@ def read_leaves(
 
     Host NumPy arrays, or ``jax.Array`` with ``shardings[path]`` (each process
     reading only its devices' shards). One batch per handler: no ``_METADATA``
-    parsing, unlike a ``PyTreeRestore``.
+    parsing, unlike a ``PyTreeRestore``. Each array's shape is checked against
+    ``meta[path]``.
     """
     shardings = shardings or {}
     host = [p for p in names if p not in shardings]
@@ -289,10 +306,17 @@ def read_leaves(
         return [a for batch in await asyncio.gather(*jobs) for a in batch]
 
     try:
-        arrays = _run(read())
+        arrays = dict(zip(host + placed, _run(read())))
     except Exception as e:  # tensorstore and orbax raise many types for missing or broken data
         raise CheckpointError(f"{item}: cannot read leaves {list(names)[:3]}... ({e}).") from e
-    return dict(zip(host + placed, arrays))
+    check_restored_shapes(item, arrays, meta)
+    return arrays
+
+
+def check_restored_shapes(item: Path, arrays: Mapping[str, Any], meta: Mapping[str, jax.ShapeDtypeStruct]) -> None:
+    for p, a in arrays.items():
+        if tuple(a.shape) != tuple(meta[p].shape):
+            raise CheckpointError(f"{item}: leaf '{p}' restored as {a.shape}, metadata says {meta[p].shape}.")
 
 
 def _restore_arg(sharding: jax.sharding.Sharding | None) -> ocp.RestoreArgs:
@@ -348,16 +372,14 @@ class Reader(CheckpointReader):
                 self._context = ts_context()
             use_ocdbt, use_zarr3 = self._storage
             names = {p: param_name(p.split(SEP)) for p in paths}
-            flat = read_leaves(
-                self.item, names, use_ocdbt=use_ocdbt, use_zarr3=use_zarr3, context=self._context, shardings=shardings
-            )
-        else:
-            flat = self._restore(paths, meta, shardings or {})
-        for p in paths:
-            got, want = flat[p], meta[p]
-            if tuple(got.shape) != tuple(want.shape):
-                raise CheckpointError(f"{self.item}: leaf '{p}' restored as {got.shape}, metadata says {want.shape}.")
-        return {p: flat[p] for p in paths}
+            return read_leaves(
+                self.item, names, meta, use_ocdbt=use_ocdbt, use_zarr3=use_zarr3, context=self._context,
+                shardings=shardings,
+            )  # fmt: skip
+        flat = self._restore(paths, meta, shardings or {})
+        out = {p: flat[p] for p in paths}
+        check_restored_shapes(self.item, out, meta)
+        return out
 
     def _restore(self, paths, meta, shardings) -> dict[str, Any]:
         """orbax's partial restore (layouts :func:`read_array_metadata` does not cover)."""

@@ -121,6 +121,7 @@ from pact_jax.io.base import (
     CheckpointReader,
     CheckpointWriter,
     check_key_names,
+    flatten,
     publish,
     remove,
     staging_path,
@@ -490,6 +491,8 @@ class _OrbaxReader(Reader):
         self._handler = ocp.PyTreeCheckpointHandler()
         self._tree: dict | None = None
         self._meta: dict[str, jax.ShapeDtypeStruct] | None = None
+        self._storage: tuple[bool, bool] | None = None  # set where the metadata came from the files
+        self._context = None
 
     def tree_metadata(self) -> dict:
         """orbax's metadata tree of the whole train state (``target`` and ``state``)."""
@@ -506,6 +509,10 @@ class _OrbaxReader(Reader):
     def metadata(self) -> dict[str, jax.ShapeDtypeStruct]:
         if self._meta is None:
             self._meta = self._target_metadata_from_files()
+            if self._meta is not None:
+                from pact_jax.io.orbax import item_storage
+
+                self._storage = item_storage(self.item)
         if self._meta is None:  # a layout the file reader does not cover: ask orbax
             target = self.tree_metadata()[TARGET]
             check_key_names(target, f"{self.item}/{TARGET}")
@@ -547,27 +554,32 @@ class _OrbaxReader(Reader):
         paths: Sequence[str],
         shardings: Mapping[str, jax.sharding.Sharding] | None = None,
     ) -> dict[str, Any]:
+        from pact_jax.io.orbax import check_restored_shapes, param_name, read_leaves, ts_context
+
         self.check_paths(paths)
         if not paths:
             return {}
         meta = self.metadata()
         shardings = shardings or {}
+        if self._storage is not None:  # through orbax's type handlers, as pact_jax.io.orbax.Reader
+
+            if self._context is None:
+                self._context = ts_context()
+            use_ocdbt, use_zarr3 = self._storage
+            names = {p: param_name((TARGET, *p.split(SEP))) for p in paths}
+            return read_leaves(
+                self.item, names, meta, use_ocdbt=use_ocdbt, use_zarr3=use_zarr3, context=self._context,
+                shardings=shardings,
+            )  # fmt: skip
         item = {TARGET: unflatten({p: meta[p] for p in paths})}
         args = {TARGET: unflatten({p: _restore_arg(None, shardings.get(p), array=True) for p in paths})}
         try:
             restored = self.restore(item, args)[TARGET]
         except CheckpointError as e:
             raise CheckpointError(f"{e} (leaves {list(paths)[:3]}...)") from e
-        out = {}
-        for p in paths:
-            node = restored
-            for k in p.split(SEP):
-                node = node[k]
-            if tuple(node.shape) != tuple(meta[p].shape):
-                raise CheckpointError(
-                    f"{self.item}: leaf '{p}' restored as {node.shape}, metadata says {meta[p].shape}."
-                )
-            out[p] = node
+        flat = flatten(restored)
+        out = {p: flat[p] for p in paths}
+        check_restored_shapes(self.item, out, meta)
         return out
 
 

@@ -327,6 +327,23 @@ def test_orbax_reads_only_the_arrays_asked_for(source):
         reader.read(["decoder/logits_dense/kernel"])
 
 
+@pytest.mark.parametrize("source", ["orbax-ocdbt", "orbax"], indirect=True)
+def test_orbax_reads_through_type_handlers(source, monkeypatch):
+    """Leaves come from orbax's type handlers (no PyTreeRestore, which parses all of
+    ``_METADATA`` per call); orbax's restore, the fallback, reads the same."""
+    paths = ["token_embedder/embedding", "decoder/logits_dense/kernel"]
+    reader = t5x.Reader(source)
+    monkeypatch.setattr(reader._handler, "restore", lambda *a, **k: pytest.fail("PyTreeRestore used"))
+    got = reader.read(paths)
+    monkeypatch.undo()
+    monkeypatch.setattr(io.orbax, "read_array_metadata", lambda item: None)
+    fallback = t5x.Reader(source).read(paths)
+    want = io.flatten(target_params(0))
+    for p in paths:
+        np.testing.assert_array_equal(got[p], want[p])
+        np.testing.assert_array_equal(fallback[p], want[p])
+
+
 # --------------------------------------------------------------------------
 # Writing
 
