@@ -22,15 +22,16 @@ inputs are opened and checked (``opened``: every leaf's metadata read, the
 writer created), and after the first and the last group: a per-group leak
 would make the last grow with the number of groups. After the last group the
 peak counter is read (*peak in groups*) and reset again, so that ``VmHWM`` at
-the end is the peak of the writer's ``commit`` (orbax's ``finalize``: merging
-the partial saves) alone (*peak in finalize*). The merge's *peak* is the
+the end is the peak of the writer's ``commit`` (orbax: ``_METADATA`` and the
+OCDBT merge of the item) alone (*peak in commit*). The merge's *peak* is the
 larger of the two; the bound to check is ``peak - baseline <= budget +
 fixed overhead``. *after* is the RSS once the merge has returned and
 ``gc.collect()`` ran (what the merge leaves behind).
 
-``--orbax-metadata`` reads the inputs' metadata through orbax's own path
-(every leaf's TensorStore array opened), as pact_jax did before
-:func:`pact_jax.io.orbax.read_array_metadata`, for comparison.
+``--orbax-metadata`` reads the inputs through orbax's PyTree handler, as
+pact_jax did before :func:`pact_jax.io.orbax.read_array_metadata` and
+:func:`~pact_jax.io.orbax.read_leaves`: metadata by opening every leaf's
+TensorStore array, each group by a partial ``PyTreeRestore``. For comparison.
 
     python -m benchmarks.streaming        # T=8, models of 32, 128, 256 MiB (1x, 4x, 8x a 32 MiB budget)
     python -m benchmarks.streaming --tasks 4 --layers 4 16 --width 128 --budget-mib 2   # quick
@@ -124,7 +125,7 @@ def run_merge(
     from pact_jax.io import orbax as orbax_io
     from pact_jax.io import streaming
 
-    if orbax_metadata:  # the old path: orbax opens every leaf's TensorStore array
+    if orbax_metadata:  # the old path: orbax metadata (every leaf opened) and partial restores
         orbax_io.read_array_metadata = lambda item: None
 
     merge = _merge_fn(method)
@@ -150,7 +151,7 @@ def run_merge(
         for g in groups:
             yield g
             samples.append(_rss_now())  # after the group was merged and written
-        # Every group written; what follows is the writer's commit (orbax finalize).
+        # Every group written; what follows is the writer's commit.
         groups_peak.append(status_kib("VmHWM") * 1024)
         reset_peak_rss()
 
@@ -161,15 +162,15 @@ def run_merge(
     )  # fmt: skip
     num_leaves, num_groups, largest_group = report.num_leaves, report.num_groups, report.largest_group_bytes
     seconds = time.perf_counter() - start
-    finalize_peak = status_kib("VmHWM") * 1024
+    commit_peak = status_kib("VmHWM") * 1024
     del report
     gc.collect()
     return {
         "budget": budget,
         "baseline": baseline,
         "groups_peak": groups_peak[0],
-        "finalize_peak": finalize_peak,
-        "peak": max(groups_peak[0], finalize_peak),
+        "commit_peak": commit_peak,
+        "peak": max(groups_peak[0], commit_peak),
         "end": _rss_now(),
         "leaves": num_leaves,
         "opened": samples[0],
@@ -196,7 +197,7 @@ def main(argv=None) -> None:
     ap.add_argument("--malloc-defaults", action="store_true",
                     help="merge with limit_malloc=False (glibc's adaptive mmap threshold: RSS creeps per group)")
     ap.add_argument("--orbax-metadata", action="store_true",
-                    help="read the inputs' metadata through orbax (every leaf's TensorStore opened), as before")
+                    help="read the inputs through orbax's PyTree handler (metadata and partial restores), as before")
     ap.add_argument("--width", type=int, default=256)
     ap.add_argument("--budget-mib", type=float, default=32.0)
     ap.add_argument("--in-memory-max-layers", type=int, default=128, help="skip the in-memory run above this depth")
@@ -216,12 +217,12 @@ def main(argv=None) -> None:
     print(f"# streaming merge benchmark, PACT + {args.method}, T={args.tasks}, budget {args.budget_mib:g} MiB, "
           f"layers ({args.width}x{args.width} kernel + bias, float32), warm-up {args.warmup_kernels} kernels"
           f"{', glibc malloc defaults (limit_malloc=False)' if args.malloc_defaults else ''}"
-          f"{', metadata read by orbax (--orbax-metadata)' if args.orbax_metadata else ''}; "
+          f"{', inputs read by orbax (--orbax-metadata)' if args.orbax_metadata else ''}; "
           f"{time.strftime('%Y-%m-%d')}")  # fmt: skip
     print(f"# machine: {platform.machine()}, {os.cpu_count()} cores, python {platform.python_version()}, "
           f"jax {jax.__version__}, pact_jax {getattr(pact_jax, '__version__', '?')}")  # fmt: skip
     print("| model MiB | model / budget | run | leaves | groups | baseline RSS MiB | RSS opened / first / last group MiB "
-          "| peak in groups / in finalize MiB | peak - baseline MiB | / budget | peak - opened MiB "
+          "| peak in groups / in commit MiB | peak - baseline MiB | / budget | peak - opened MiB "
           "| RSS after MiB | merge s |")  # fmt: skip
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for layers in args.layers:
@@ -246,7 +247,7 @@ def main(argv=None) -> None:
                     f"| {model_bytes / MIB:.0f} | {model_bytes / (args.budget_mib * MIB):.1f} | {name} | "
                     f"{r['leaves']} | {r['groups']} | "
                     f"{r['baseline'] / MIB:.0f} | {r['opened'] / MIB:.0f} / {r['first_group'] / MIB:.0f} / "
-                    f"{r['last_group'] / MIB:.0f} | {r['groups_peak'] / MIB:.0f} / {r['finalize_peak'] / MIB:.0f} | "
+                    f"{r['last_group'] / MIB:.0f} | {r['groups_peak'] / MIB:.0f} / {r['commit_peak'] / MIB:.0f} | "
                     f"{extra:.0f} | {ratio} | {(r['peak'] - r['opened']) / MIB:.0f} | {r['end'] / MIB:.0f} | "
                     f"{r['seconds']:.1f} |",
                     flush=True,

@@ -120,7 +120,7 @@ def test_cli_distributed_streaming_merge_matches_single_process(tmp_path, capsys
         logs = _wait(procs, deadline)
     assert code == 0, single_out.err
     groups = int(single_out.out.split(" group(s)")[0].rsplit(" in ", 1)[1])
-    assert groups >= 3, single_out.out  # a streamed merge: several partial saves
+    assert groups >= 3, single_out.out  # a streamed merge: several groups written
     # Only process 0 prints the summary.
     assert "merged 3 task(s)" in logs[0] and "2 processes, mesh {'tasks': 1, 'layers': 8}" in logs[0], logs[0]
     assert "merged 3 task(s)" not in logs[1], logs[1]

@@ -241,12 +241,12 @@ def ts_context() -> ts.Context:
     OCDBT B-tree cache, on the process's shared thread pools.
 
     Measured reading 9 checkpoints of 512 leaves group by group (80 groups):
-    with orbax's context per checkpoint (100 MB B-tree cache each) RSS grew by
-    177 MiB; with a 4 MiB cache per checkpoint still by 112 MiB (it holds more
-    than it counts); with no cache and one set of thread pools by 2 MiB, at
-    the same speed (local disk; separate pools: 8 MiB). The cache is not
-    shared across checkpoints: it would serve a checkpoint's old B-tree after
-    its path was overwritten.
+    with a context per checkpoint and a 4 MiB B-tree cache (orbax's default
+    is 100 MB) RSS grew by 177 MiB, 112 MiB on shared thread pools (the
+    cache holds more than it counts); with no cache and one set of thread
+    pools by 2 MiB, at the same speed (local disk; own pools: 8 MiB;
+    benchmarks/RESULTS.md). A cache is not shared across checkpoints: it
+    would serve a checkpoint's old B-tree after its path was overwritten.
     """
     return ts.Context({"cache_pool#ocdbt": {"total_bytes_limit": _OCDBT_CACHE_BYTES}}, parent=_shared_pools())
 

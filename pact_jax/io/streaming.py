@@ -15,12 +15,14 @@ workspace). Groups are sized so this estimate stays within ``budget_bytes``;
 a single leaf larger than the budget is merged alone and reported. The factor
 was measured with ``python -m benchmarks.streaming`` (benchmarks/RESULTS.md),
 which also measures the bound: once the runtime is warm (programs compiled
-for the group shapes), peak RSS while the groups are merged stays within the
-budget + 4 to 22 MiB for models 1x to 8x the budget, given
-:func:`limit_malloc_retention` (on by default). Opening orbax inputs costs
-no memory per leaf (:func:`pact_jax.io.orbax.read_array_metadata` opens no
-array). Not bounded: orbax's ``finalize`` of the output, which merges one
-partial save per group (+73 MiB at 344 groups, RESULTS.md).
+for the group shapes), peak RSS of a merge of orbax checkpoints stays within
+the budget + 9 to 12 MiB for models 1x, 4x and 8x the budget (T = 8, 256 to
+2048 leaves), given :func:`limit_malloc_retention` (on by default). What
+keeps it flat: opening orbax inputs reads no array
+(:func:`pact_jax.io.orbax.read_array_metadata`); leaves are read and written
+through orbax's type handlers with no OCDBT cache
+(:func:`pact_jax.io.orbax.ts_context`); the output is one orbax item, not one
+partial save per group.
 
 Over a device mesh (``mesh=``, the CLI's ``--mesh``; several hosts with
 ``jax.distributed``, the CLI's ``--distributed``) each group is restored

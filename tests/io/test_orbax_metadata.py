@@ -64,7 +64,7 @@ def save_with_handler(path, tree, **handler_kwargs):
 
 
 def write_in_groups(path, tree, group_size=2):
-    """Through pact_jax's orbax writer in several partial saves, as a streamed merge writes."""
+    """Through pact_jax's orbax writer group by group, as a streamed merge writes."""
     flat = io.flatten(tree)
     template = {p: jax.ShapeDtypeStruct(np.shape(a), a.dtype) for p, a in flat.items()}
     paths = list(flat)
@@ -78,7 +78,7 @@ def write_in_groups(path, tree, group_size=2):
 LAYOUTS = {
     # pact_jax's own saves: orbax v1, OCDBT + zarr3, NumPy leaves.
     "io.save": lambda d: io.save(d / "c", nested_tree(), "orbax") / "state",
-    "partial saves": lambda d: write_in_groups(d / "c", nested_tree()) / "state",
+    "pact_jax writer, in groups": lambda d: write_in_groups(d / "c", nested_tree()) / "state",
     # jax.Array leaves (orbax also writes _sharding and array_metadatas/).
     "jax arrays, ocdbt, zarr2": lambda d: save_with_handler(d / "c", jax.tree.map(jnp.asarray, nested_tree())),
     "numpy, no ocdbt, zarr2": lambda d: save_with_handler(d / "c", nested_tree(), use_ocdbt=False),
