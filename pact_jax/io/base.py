@@ -220,6 +220,16 @@ def sync_processes(name: str) -> None:
         multihost_utils.sync_global_devices(f"pact_jax: {name}")
 
 
+def primary_failed(failed: bool) -> bool:
+    """Process 0's ``failed`` on every process: a collective in a multi-process run, so that
+    the others raise too instead of waiting at the next barrier; ``failed`` itself otherwise."""
+    if jax.process_count() == 1:
+        return failed
+    from jax.experimental import multihost_utils
+
+    return bool(np.asarray(multihost_utils.broadcast_one_to_all(np.asarray(failed))))
+
+
 def publish(staged: Path, dest: Path) -> None:
     """Moves ``staged`` to ``dest`` with one rename.
 

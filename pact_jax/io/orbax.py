@@ -26,7 +26,7 @@ into the item's per-process OCDBT database, and :meth:`Writer.commit` writes
 ``finalize`` does), adds the checkpoint-level files and renames the finished
 directory into place. ``orbax.checkpoint.v1.partial`` would do the same job
 with one sub-checkpoint per group, and its ``finalize`` costs memory and time
-per group (+73 MiB at 344 groups, benchmarks/RESULTS.md). In a multi-process
+per group (+37 MiB kept at 344 groups, benchmarks/RESULTS.md). In a multi-process
 run (``jax.distributed``) every process creates the writer and calls
 ``write``/``commit`` with the same global arrays and writes only its own
 shards (NumPy leaves are written by process 0); all processes share one
@@ -34,7 +34,7 @@ staging directory, which process 0 completes and renames into place once
 every process is done. The result is the layout of an orbax v1 save: load it
 with ``ocp.v1.load(path)`` or ``pact_jax.io.load(path)``
 (``ocp.StandardCheckpointer().restore(path + "/state")`` also works);
-``tests/io/test_io_formats.py`` checks it against what orbax itself writes.
+``tests/io/test_orbax_io.py`` checks it against what orbax itself writes.
 """
 
 from __future__ import annotations
@@ -64,6 +64,7 @@ from pact_jax.io.base import (
     check_key_names,
     flatten,
     is_primary_process,
+    primary_failed,
     publish,
     remove,
     staging_path,
@@ -482,22 +483,31 @@ class Writer(CheckpointWriter):
         if not self.template:
             raise CheckpointError(f"{self.path}: nothing to write (empty template).")
         sync_processes(f"wrote the leaves of {self._staged}")  # every process's shards are on disk
+        error = None
         if is_primary_process():
             try:
-                (self._item / _METADATA).write_text(json.dumps(tree_metadata_json(self._types)))
-                # One database for the item, as orbax's finalize leaves it (its data stays in ocdbt.process_*/).
-                _run(
-                    ocp.type_handlers.merge_ocdbt_per_process_files(
-                        epath.Path(self._item), ts_context=self._context, use_zarr3=True, enable_validation=False
-                    )
-                )
-                (self._staged / _CHECKPOINT_METADATA).write_text(json.dumps(checkpoint_metadata_json(self._started)))
-                (self._staged / _INDICATOR).touch()
-                (self._staged / _COMMIT_MARKER).write_text(f"Checkpoint commit was successful to {self.path}")
+                self._complete()
+                publish(self._staged, self.path)
             except Exception as e:
-                raise CheckpointError(f"{self._staged}: cannot complete the orbax checkpoint ({e}).") from e
-            publish(self._staged, self.path)
+                error = e
+        if primary_failed(error is not None):
+            self.abort()
+            detail = error if error is not None else "it failed on process 0"
+            raise CheckpointError(f"{self._staged}: cannot complete the orbax checkpoint ({detail}).") from error
         sync_processes(f"published {self.path}")
+
+    def _complete(self) -> None:
+        """Process 0: ``_METADATA``, one OCDBT database for the item, the checkpoint-level files."""
+        (self._item / _METADATA).write_text(json.dumps(tree_metadata_json(self._types)))
+        # As orbax's finalize leaves it: one root manifest; the data stays in ocdbt.process_*/.
+        _run(
+            ocp.type_handlers.merge_ocdbt_per_process_files(
+                epath.Path(self._item), ts_context=self._context, use_zarr3=True, enable_validation=False
+            )
+        )
+        (self._staged / _CHECKPOINT_METADATA).write_text(json.dumps(checkpoint_metadata_json(self._started)))
+        (self._staged / _INDICATOR).touch()
+        (self._staged / _COMMIT_MARKER).write_text(f"Checkpoint commit was successful to {self.path}")
 
     def abort(self) -> None:
         if is_primary_process():  # the staging directory is process 0's to remove

@@ -175,3 +175,9 @@ def test_failed_commit_publishes_nothing(tmp_path, monkeypatch):
     with pytest.raises(CheckpointError, match="cannot complete the orbax checkpoint.*disk full"):
         write_in_groups(tmp_path / "c", tree)
     assert list(tmp_path.iterdir()) == []
+    # Outside a with block too: the staging directory goes with the failure.
+    w = io.open_writer(tmp_path / "d", {"a": jax.ShapeDtypeStruct((2, 3), np.float32)}, "orbax")
+    w.write(tree)
+    with pytest.raises(CheckpointError, match="disk full"):
+        w.commit()
+    assert list(tmp_path.iterdir()) == []
