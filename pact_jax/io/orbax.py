@@ -210,7 +210,8 @@ ITEM = "state"
 _CHECKPOINT_METADATA = "_CHECKPOINT_METADATA"
 _INDICATOR = "orbax.checkpoint"
 _COMMIT_MARKER = "commit_success.txt"
-# What orbax v1 records as the handler of a PyTree item (checked against orbax's own save in the tests).
+# What orbax v1 records as the handler of a PyTree item (checked against orbax's own save in the tests;
+# an orbax that names it otherwise still loads the checkpoint, with a warning).
 _PYTREE_HANDLER = "orbax.checkpoint.experimental.v1._src.handlers.pytree_handler.PyTreeHandler"
 # Bytes of OCDBT B-tree nodes cached per checkpoint (orbax's default: 100 MB); see ts_context.
 _OCDBT_CACHE_BYTES = 0

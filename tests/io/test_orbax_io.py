@@ -16,7 +16,7 @@ from orbax.checkpoint import v1 as ocp_v1
 from pact_jax import io
 from pact_jax.io import CheckpointError
 from pact_jax.io import orbax as orbax_io
-from test_orbax_metadata import nested_tree
+from test_orbax_metadata import LAYOUTS, nested_tree, write_in_groups
 
 
 def assert_same(a, b):
@@ -26,21 +26,6 @@ def assert_same(a, b):
         x, y = np.asarray(fa[p]), np.asarray(fb[p])
         assert x.dtype == y.dtype and x.shape == y.shape, p
         np.testing.assert_array_equal(x, y, err_msg=p)
-
-
-def write_in_groups(dest, tree, group_size=2, as_jax=False):
-    """Writes ``tree`` with the orbax Writer, ``group_size`` leaves per ``write``."""
-    flat = io.flatten(tree)
-    template = {p: jax.ShapeDtypeStruct(np.shape(a), np.asarray(a).dtype) for p, a in flat.items()}
-    paths = list(flat)
-    with io.open_writer(dest, template, "orbax") as w:
-        for i in range(0, len(paths), group_size):
-            group = {p: flat[p] for p in paths[i : i + group_size]}
-            if as_jax:
-                group = {p: jnp.asarray(a) for p, a in group.items()}
-            w.write(group)
-        w.commit()
-    return dest
 
 
 def json_file(path):
@@ -75,6 +60,18 @@ def test_written_checkpoint_is_what_orbax_writes(tmp_path, as_jax):
     assert_same(io.load(ours), tree)
     if as_jax:
         assert (item / "_sharding").exists()
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_reads_what_orbax_restores(tmp_path, layout):
+    """Every layout whose metadata the files give is read through the type handlers: the same
+    values and dtypes as orbax's own restore."""
+    item = LAYOUTS[layout](tmp_path)
+    want = ocp.PyTreeCheckpointHandler().restore(item.absolute())
+    with io.open_reader(item.parent if item.name == orbax_io.ITEM else item) as reader:
+        got = reader.load()
+        assert reader._storage is not None  # not orbax's restore
+    assert_same(got, jax.tree.map(np.asarray, want))
 
 
 def test_many_groups_one_database(tmp_path):

@@ -63,14 +63,16 @@ def save_with_handler(path, tree, **handler_kwargs):
     return path
 
 
-def write_in_groups(path, tree, group_size=2):
-    """Through pact_jax's orbax writer group by group, as a streamed merge writes."""
+def write_in_groups(path, tree, group_size=2, as_jax=False):
+    """Through pact_jax's orbax writer group by group, as a streamed merge writes
+    (``as_jax``: the leaves as ``jax.Array`` s)."""
     flat = io.flatten(tree)
     template = {p: jax.ShapeDtypeStruct(np.shape(a), a.dtype) for p, a in flat.items()}
     paths = list(flat)
     with io.open_writer(path, template, "orbax") as w:
         for i in range(0, len(paths), group_size):
-            w.write({p: flat[p] for p in paths[i : i + group_size]})
+            group = {p: flat[p] for p in paths[i : i + group_size]}
+            w.write({p: jnp.asarray(a) for p, a in group.items()} if as_jax else group)
         w.commit()
     return path
 
