@@ -30,7 +30,7 @@ fixed overhead``. *after* is the RSS once the merge has returned and
 
 ``--orbax-metadata`` reads the inputs through orbax's PyTree handler, as
 pact_jax did before :func:`pact_jax.io.orbax.read_array_metadata` and
-:func:`~pact_jax.io.orbax.read_leaves`: metadata by opening every leaf's
+:class:`~pact_jax.io.orbax.ItemLeaves`: metadata by opening every leaf's
 TensorStore array, each group by a partial ``PyTreeRestore``. For comparison.
 
     python -m benchmarks.streaming        # T=8, models of 32, 128, 256 MiB (1x, 4x, 8x a 32 MiB budget)

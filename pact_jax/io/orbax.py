@@ -12,8 +12,8 @@ the OCDBT key-value store in one batch), falling back to orbax's metadata path
 layouts it does not cover. Leaves are read lazily, only those asked for, as
 host NumPy arrays or as ``jax.Array`` placed with the ``shardings`` given
 (restoring straight into the target sharding, without a host copy of the
-whole leaf): through orbax's type handlers (``ocp.type_handlers.NumpyHandler``
-/ ``ArrayHandler``.deserialize) when the metadata came from the files, else
+whole leaf): through orbax's type handlers (:class:`ItemLeaves`) when the
+metadata came from the files, else
 with ``PyTreeRestore(partial_restore=True)``, which parses the whole
 ``_METADATA`` tree on every call (~10x slower per group, RESULTS.md).
 
@@ -217,15 +217,6 @@ _PYTREE_HANDLER = "orbax.checkpoint.experimental.v1._src.handlers.pytree_handler
 _OCDBT_CACHE_BYTES = 0
 
 
-def item_storage(item: Path) -> tuple[bool, bool]:
-    """``(use_ocdbt, use_zarr3)`` of the PyTree item ``item``, from its ``_METADATA``."""
-    try:
-        md = json.loads((item / _METADATA).read_text())
-        return bool(md["use_ocdbt"]), bool(md.get("use_zarr3", False))
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise CheckpointError(f"{item / _METADATA}: cannot read the storage format ({e}).") from e
-
-
 def param_name(keys: Sequence[str]) -> str:
     """orbax's name of the leaf at ``keys`` (``ParamInfo.name``: its zarr array in the item)."""
     return ".".join(keys)
@@ -273,46 +264,57 @@ def _param_info(item: Path, name: str, use_ocdbt: bool, use_zarr3: bool, context
     )
 
 
-def read_leaves(
-    item: Path,
-    names: Mapping[str, str],
-    meta: Mapping[str, jax.ShapeDtypeStruct],
-    *,
-    use_ocdbt: bool,
-    use_zarr3: bool,
-    context: ts.Context,
-    shardings: Mapping[str, jax.sharding.Sharding] | None = None,
-) -> dict[str, Any]:
-    """Reads the arrays ``{path: orbax name}`` of ``item`` with orbax's type handlers.
+class ItemLeaves:
+    """Reads leaves of the orbax PyTree item ``item`` through orbax's type handlers.
 
-    Host NumPy arrays, or ``jax.Array`` with ``shardings[path]`` (each process
-    reading only its devices' shards). One batch per handler: no ``_METADATA``
-    parsing, unlike a ``PyTreeRestore``. Each array's shape is checked against
-    ``meta[path]``.
+    ``NumpyHandler`` / ``ArrayHandler``.deserialize, one batch each: no
+    ``_METADATA`` parsing per call, unlike a partial ``PyTreeRestore``. Only
+    for items whose metadata :func:`read_array_metadata` read (every leaf a
+    zarr array named by :func:`param_name`). Holds the item's TensorStore
+    context (:func:`ts_context`).
     """
-    shardings = shardings or {}
-    host = [p for p in names if p not in shardings]
-    placed = [p for p in names if p in shardings]
 
-    def infos(paths):
-        return [_param_info(item, names[p], use_ocdbt, use_zarr3, context) for p in paths]
+    def __init__(self, item: Path):
+        self.item = item
+        try:
+            md = json.loads((item / _METADATA).read_text())
+            self.use_ocdbt, self.use_zarr3 = bool(md["use_ocdbt"]), bool(md.get("use_zarr3", False))
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{item / _METADATA}: cannot read the storage format ({e}).") from e
+        self._context = ts_context()
 
-    async def read():
-        jobs = []
-        if host:
-            args = [ocp.RestoreArgs(restore_type=np.ndarray)] * len(host)
-            jobs.append(ocp.type_handlers.NumpyHandler().deserialize(infos(host), args))
-        if placed:
-            args = [ocp.ArrayRestoreArgs(sharding=shardings[p]) for p in placed]
-            jobs.append(ocp.type_handlers.ArrayHandler().deserialize(infos(placed), args))
-        return [a for batch in await asyncio.gather(*jobs) for a in batch]
+    def read(
+        self,
+        names: Mapping[str, str],
+        meta: Mapping[str, jax.ShapeDtypeStruct],
+        shardings: Mapping[str, jax.sharding.Sharding] | None = None,
+    ) -> dict[str, Any]:
+        """The arrays ``{path: orbax name}``: host NumPy arrays, or ``jax.Array`` with
+        ``shardings[path]`` (each process reading only its devices' shards); each
+        array's shape checked against ``meta[path]``."""
+        shardings = shardings or {}
+        host = [p for p in names if p not in shardings]
+        placed = [p for p in names if p in shardings]
 
-    try:
-        arrays = dict(zip(host + placed, _run(read())))
-    except Exception as e:  # tensorstore and orbax raise many types for missing or broken data
-        raise CheckpointError(f"{item}: cannot read leaves {list(names)[:3]}... ({e}).") from e
-    check_restored_shapes(item, arrays, meta)
-    return arrays
+        def infos(paths):
+            return [_param_info(self.item, names[p], self.use_ocdbt, self.use_zarr3, self._context) for p in paths]
+
+        async def read():
+            jobs = []
+            if host:
+                args = [ocp.RestoreArgs(restore_type=np.ndarray)] * len(host)
+                jobs.append(ocp.type_handlers.NumpyHandler().deserialize(infos(host), args))
+            if placed:
+                args = [ocp.ArrayRestoreArgs(sharding=shardings[p]) for p in placed]
+                jobs.append(ocp.type_handlers.ArrayHandler().deserialize(infos(placed), args))
+            return [a for batch in await asyncio.gather(*jobs) for a in batch]
+
+        try:
+            arrays = dict(zip(host + placed, _run(read())))
+        except Exception as e:  # tensorstore and orbax raise many types for missing or broken data
+            raise CheckpointError(f"{self.item}: cannot read leaves {list(names)[:3]}... ({e}).") from e
+        check_restored_shapes(self.item, arrays, meta)
+        return arrays
 
 
 def check_restored_shapes(item: Path, arrays: Mapping[str, Any], meta: Mapping[str, jax.ShapeDtypeStruct]) -> None:
@@ -337,8 +339,7 @@ class Reader(CheckpointReader):
         # The handler, not a Checkpointer: no step-level metadata is needed (nor warned about).
         self._handler = ocp.PyTreeCheckpointHandler()
         self._meta: dict[str, jax.ShapeDtypeStruct] | None = None
-        self._storage: tuple[bool, bool] | None = None  # set where the metadata came from the files
-        self._context: ts.Context | None = None
+        self._leaves: ItemLeaves | None = None  # where the metadata came from the files
 
     def metadata(self) -> dict[str, jax.ShapeDtypeStruct]:
         if self._meta is None:
@@ -347,7 +348,7 @@ class Reader(CheckpointReader):
                 self._meta = self._orbax_metadata()
             else:
                 self._meta = joined_paths(fast, str(self.item))
-                self._storage = item_storage(self.item)
+                self._leaves = ItemLeaves(self.item)
         return self._meta
 
     def _orbax_metadata(self) -> dict[str, jax.ShapeDtypeStruct]:
@@ -369,15 +370,8 @@ class Reader(CheckpointReader):
         meta = self.metadata()
         if not paths:
             return {}
-        if self._storage is not None:
-            if self._context is None:
-                self._context = ts_context()
-            use_ocdbt, use_zarr3 = self._storage
-            names = {p: param_name(p.split(SEP)) for p in paths}
-            return read_leaves(
-                self.item, names, meta, use_ocdbt=use_ocdbt, use_zarr3=use_zarr3, context=self._context,
-                shardings=shardings,
-            )  # fmt: skip
+        if self._leaves is not None:
+            return self._leaves.read({p: param_name(p.split(SEP)) for p in paths}, meta, shardings)
         flat = self._restore(paths, meta, shardings or {})
         out = {p: flat[p] for p in paths}
         check_restored_shapes(self.item, out, meta)
@@ -398,7 +392,7 @@ class Reader(CheckpointReader):
 
     def close(self) -> None:
         self._handler.close()
-        self._context = None
+        self._leaves = None
 
 
 def tree_metadata_json(value_types: Mapping[tuple[str, ...], str], *, use_zarr3: bool = True) -> dict:

@@ -491,8 +491,7 @@ class _OrbaxReader(Reader):
         self._handler = ocp.PyTreeCheckpointHandler()
         self._tree: dict | None = None
         self._meta: dict[str, jax.ShapeDtypeStruct] | None = None
-        self._storage: tuple[bool, bool] | None = None  # set where the metadata came from the files
-        self._context = None
+        self._leaves = None  # pact_jax.io.orbax.ItemLeaves, where the metadata came from the files
 
     def tree_metadata(self) -> dict:
         """orbax's metadata tree of the whole train state (``target`` and ``state``)."""
@@ -510,9 +509,9 @@ class _OrbaxReader(Reader):
         if self._meta is None:
             self._meta = self._target_metadata_from_files()
             if self._meta is not None:
-                from pact_jax.io.orbax import item_storage
+                from pact_jax.io.orbax import ItemLeaves
 
-                self._storage = item_storage(self.item)
+                self._leaves = ItemLeaves(self.item)
         if self._meta is None:  # a layout the file reader does not cover: ask orbax
             target = self.tree_metadata()[TARGET]
             check_key_names(target, f"{self.item}/{TARGET}")
@@ -554,23 +553,15 @@ class _OrbaxReader(Reader):
         paths: Sequence[str],
         shardings: Mapping[str, jax.sharding.Sharding] | None = None,
     ) -> dict[str, Any]:
-        from pact_jax.io.orbax import check_restored_shapes, param_name, read_leaves, ts_context
+        from pact_jax.io.orbax import check_restored_shapes, param_name
 
         self.check_paths(paths)
         if not paths:
             return {}
         meta = self.metadata()
         shardings = shardings or {}
-        if self._storage is not None:  # through orbax's type handlers, as pact_jax.io.orbax.Reader
-
-            if self._context is None:
-                self._context = ts_context()
-            use_ocdbt, use_zarr3 = self._storage
-            names = {p: param_name((TARGET, *p.split(SEP))) for p in paths}
-            return read_leaves(
-                self.item, names, meta, use_ocdbt=use_ocdbt, use_zarr3=use_zarr3, context=self._context,
-                shardings=shardings,
-            )  # fmt: skip
+        if self._leaves is not None:  # through orbax's type handlers, as pact_jax.io.orbax.Reader
+            return self._leaves.read({p: param_name((TARGET, *p.split(SEP))) for p in paths}, meta, shardings)
         item = {TARGET: unflatten({p: meta[p] for p in paths})}
         args = {TARGET: unflatten({p: _restore_arg(None, shardings.get(p), array=True) for p in paths})}
         try:

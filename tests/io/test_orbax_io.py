@@ -70,7 +70,7 @@ def test_reads_what_orbax_restores(tmp_path, layout):
     want = ocp.PyTreeCheckpointHandler().restore(item.absolute())
     with io.open_reader(item.parent if item.name == orbax_io.ITEM else item) as reader:
         got = reader.load()
-        assert reader._storage is not None  # not orbax's restore
+        assert reader._leaves is not None  # not orbax's restore
     assert_same(got, jax.tree.map(np.asarray, want))
 
 
@@ -112,7 +112,7 @@ def test_fallback_restore_reads_the_same(tmp_path, monkeypatch):
     monkeypatch.setattr(orbax_io, "read_array_metadata", lambda item: None)
     with io.open_reader(dest) as reader:
         reader.metadata()
-        assert reader._storage is None  # the restore path
+        assert reader._leaves is None  # the restore path
         slow = reader.load()
     assert_same(slow, fast)
     assert_same(fast, tree)
