@@ -16,8 +16,8 @@ a single leaf larger than the budget is merged alone and reported. The factor
 was measured with ``python -m benchmarks.streaming`` (benchmarks/RESULTS.md),
 which also measures the bound: once the runtime is warm (programs compiled
 for the group shapes), peak RSS of a merge of orbax checkpoints stays within
-the budget + 9 to 12 MiB for models 1x, 4x and 8x the budget (T = 8, 256 to
-2048 leaves), given :func:`limit_malloc_retention` (on by default). What
+the budget + 2 to 12 MiB for models 1x, 4x and 8x the budget (T = 8, 256 to
+2048 leaves; three runs), given :func:`limit_malloc_retention` (on by default). What
 keeps it flat: opening orbax inputs reads no array
 (:func:`pact_jax.io.orbax.read_array_metadata`); leaves are read and written
 through orbax's type handlers with no OCDBT cache
