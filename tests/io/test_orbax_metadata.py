@@ -10,6 +10,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 import tensorstore
+from test_io_formats import params_tree
 
 from pact_jax import io
 from pact_jax.io import CheckpointError, t5x
@@ -17,18 +18,10 @@ from pact_jax.io import orbax as orbax_io
 
 
 def nested_tree():
-    """bfloat16, 0-d leaves, ints, three levels of nesting."""
-    rng = np.random.default_rng(0)
-    return {
-        "params": {
-            "dense": {"kernel": rng.normal(size=(6, 5)).astype(np.float32), "bias": np.zeros(5, np.float32)},
-            "attn": {"query": {"kernel": rng.normal(size=(5, 2, 3)).astype(jnp.bfloat16)}},
-            "norm": {"scale": np.ones(5, jnp.bfloat16)},
-            "temperature": np.asarray(0.5, np.float32),  # 0-d
-        },
-        "step": np.asarray(7, np.int32),
-        "counts": np.arange(4, dtype=np.int64),
-    }
+    """test_io_formats' tree (bfloat16, three levels of nesting) with 0-d leaves and ints."""
+    tree = params_tree()
+    tree["params"]["temperature"] = np.asarray(0.5, np.float32)  # 0-d
+    return {**tree, "step": np.asarray(7, np.int32), "counts": np.arange(4, dtype=np.int64)}
 
 
 def orbax_metadata(item) -> dict[str, jax.ShapeDtypeStruct]:
