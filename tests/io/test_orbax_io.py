@@ -16,16 +16,8 @@ from orbax.checkpoint import v1 as ocp_v1
 from pact_jax import io
 from pact_jax.io import CheckpointError
 from pact_jax.io import orbax as orbax_io
+from test_io_formats import assert_same
 from test_orbax_metadata import LAYOUTS, nested_tree, write_in_groups
-
-
-def assert_same(a, b):
-    fa, fb = io.flatten(a), io.flatten(b)
-    assert fa.keys() == fb.keys()
-    for p in fa:
-        x, y = np.asarray(fa[p]), np.asarray(fb[p])
-        assert x.dtype == y.dtype and x.shape == y.shape, p
-        np.testing.assert_array_equal(x, y, err_msg=p)
 
 
 def json_file(path):
