@@ -27,6 +27,7 @@ import numpy as np
 
 PyTree = Any
 LeafKind = Literal["freeze", "average", "matrix", "other"]
+Layout = Literal["flax", "torch"]
 
 
 class PactInputError(ValueError):
@@ -285,6 +286,11 @@ class LeafRules:
         The default entry maps Flax attention output kernels
         ``(heads, head_dim, d)`` to ``(heads*head_dim, d)`` and leaves a 2-D
         ``out/kernel`` (T5X's ``(d, d)``) as it is.
+      layout: how the checkpoint stores a linear map: ``"flax"`` (kernel
+        ``(d_in, d_out)``: the matrix view's rows are the input space) or
+        ``"torch"`` (weight ``(d_out, d_in)``: its columns are). Every
+        side-dependent step asks :meth:`input_side` (PACT's protected input
+        space, Iso-CTS's output-side common subspace), never a fixed side.
     """
 
     matrix: str = r".*"
@@ -292,6 +298,21 @@ class LeafRules:
     average: str | None = None
     freeze: str | None = None
     row_axes: tuple[tuple[str, int], ...] = ((r"(^|/)out/kernel$", 2),)
+    layout: Layout = "flax"
+
+    def __post_init__(self) -> None:
+        if self.layout not in ("flax", "torch"):
+            raise ValueError(f"LeafRules.layout must be 'flax' or 'torch', got {self.layout!r}.")
+
+    def input_side(self, path: str) -> Literal["left", "right"]:
+        """Which side of the ``(m, n)`` matrix view of ``path`` is the layer's input space:
+        ``"left"`` (rows, left singular vectors) for Flax kernels, ``"right"`` for torch weights."""
+        del path  # one layout per checkpoint today; the path is where a per-leaf layout would go
+        return "left" if self.layout == "flax" else "right"
+
+    def output_side(self, path: str) -> Literal["left", "right"]:
+        """The other side of :meth:`input_side`."""
+        return "right" if self.input_side(path) == "left" else "left"
 
     def kind(self, path: str, shape: Sequence[int]) -> LeafKind:
         """``'freeze' | 'average' | 'matrix' | 'other'`` for a leaf of per-task ``shape``."""
