@@ -12,7 +12,8 @@ from pact_jax import runtime
 # slower (see pact_jax/runtime.py).
 runtime.configure_cpu_runtime()
 
-from pact_jax import linalg, merges
+from pact_jax import alpha, linalg, merges
+from pact_jax.alpha import AlphaSearch, alpha_grid, search_alpha
 from pact_jax.chain import chain
 from pact_jax.linalg import randomized_svd
 from pact_jax.pact import lbw_statistics, pact
@@ -27,9 +28,11 @@ from pact_jax.tree import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "AlphaSearch",
     "DEFAULT_RULES",
     "LeafRules",
     "PactInputError",
+    "alpha_grid",
     "apply_delta",
     "chain",
     "lbw_statistics",
@@ -37,5 +40,6 @@ __all__ = [
     "merges",
     "pact",
     "randomized_svd",
+    "search_alpha",
     "task_vectors",
 ]
