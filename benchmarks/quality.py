@@ -1,31 +1,50 @@
-"""Quality benchmark: what PACT adds to each merging method, in the paper's table form.
+"""Quality benchmark: what PACT (and SIFT) add to each merging method, the verdict table.
 
-    python -m benchmarks.quality                 # 3 seeds, T = 4 and 8, all methods (+ zoo build if not cached)
-    python -m benchmarks.quality --ablation      # ... plus PACT's hyperparameter ablation (validation split)
+    python -m benchmarks.quality                 # 3 seeds, T = 4 and 8, every method x setting (+ zoo build if not cached)
     python -m benchmarks.quality --quick         # tiny settings, seconds (the CI test)
 
 For each seed's zoo (:mod:`benchmarks.zoo`) and each task count ``T`` (the
-first ``T`` tasks), every method of :data:`pact_jax.recipes.METHODS` merges
-the ``T`` fine-tuned encoders without and with PACT, through
-:func:`pact_jax.recipes.make_merge` (PACT with the library defaults, in the
-perspective :func:`pact_jax.recipes.default_perspective` picks: subspace
-before average, task arithmetic and the SVD mergers, scalar before TIES and
-DARE-TIES). The merged delta is computed once; ``alpha`` is swept with
-:func:`pact_jax.apply_delta` and chosen by mean accuracy on the validation
-split; the test split is reported at that ``alpha``. Task ``t`` is always
+first ``T`` tasks), each method merges the ``T`` fine-tuned encoders under
+each *setting* (:data:`SETTINGS`), through :func:`pact_jax.recipes.make_merge`:
+
+* task arithmetic, TSV-M, Iso-C, Iso-CTS x {``none``; ``paper``: PACT with
+  the paper's defaults (preset ``'paper'``); ``release``: PACT as the authors
+  released it (preset ``'release'``: plain QR bases, ``W0 = 0`` core);
+  ``light``: PACT's light preset; ``sift``: SIFT, the authors' ablation
+  baseline};
+* TIES and DARE-TIES x {``none``; ``scalar``: PACT's scalar-weight
+  perspective, *our own extension* (DESIGN.md §1b)};
+* weight averaging, ``alpha = 1`` (the mean model): a baseline row.
+
+The merged delta is computed once per (method, setting); ``alpha`` is then
+chosen on the validation split (:func:`alpha_plan`):
+
+* the authors' protocol (:mod:`pact_jax.alpha`) wherever they give a range:
+  ``linspace(lo, hi, 31)[1:]`` walked in increasing order, early stop after 3
+  points without a better validation mean accuracy, best by validation
+  normalised accuracy (settings ``none``, ``paper``, ``release``, ``sift``;
+  SIFT before TSV-M / Iso-CTS has no authors' range: PACT's range for that
+  method is used, and the results say so);
+* the whole grid (no early stop, best by validation normalised accuracy) on a
+  range chosen here, wide enough to hold the plain and the PACT optimum, for
+  ``light``, TIES and DARE-TIES;
+* for every setting, when the best alpha is the grid's largest value, the
+  grid is widened to twice its top (same number of points, all walked) and
+  the record says so.
+
+The test split is evaluated at the chosen alpha only. Task ``t`` is always
 evaluated with its own fine-tuned head (heads are not merged).
 
 Baselines: each fine-tuned model on its own task, and the pre-trained encoder
 with each task's linear-probe head (trained on the frozen pre-trained
-encoder before fine-tuning; the "zero-shot" row). Weight averaging uses
-``alpha = 1`` (the plain mean of the models), the others the swept ``alpha``.
+encoder before fine-tuning; the "zero-shot" row).
 
 Normalised accuracy of task ``t`` = merged accuracy / fine-tuned accuracy on
-``t``; tables give mean +- sample std over seeds.
+``t`` (validation: the fine-tuned model's validation accuracy); tables give
+mean +- sample std over seeds and the paired difference to ``none``.
 
 Writes ``benchmarks/results_quality.md`` (``--out``), the same numbers as
-JSON next to it, and a PNG of normalised accuracy per method with and without
-PACT.
+JSON next to it, and a PNG of normalised accuracy per method and setting.
 """
 
 from __future__ import annotations
@@ -34,7 +53,6 @@ import argparse
 import dataclasses
 import datetime
 import functools
-import inspect
 import os
 import platform
 import sys
@@ -48,8 +66,8 @@ import jax.numpy as jnp
 import numpy as np
 
 import pact_jax
+from pact_jax import alpha as alpha_mod
 from pact_jax import recipes
-from pact_jax.pact import DEFAULT_STRENGTH
 from benchmarks import report, vit
 from benchmarks import zoo as zoo_mod
 
@@ -64,39 +82,77 @@ METHOD_KWARGS: Mapping[str, Mapping[str, Any]] = {
 }
 # Weight averaging is the mean model: no alpha to tune.
 FIXED_ALPHA: Mapping[str, float] = {"average": 1.0}
-ALPHAS: tuple[float, ...] = (0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.7, 1.0, 1.3, 1.6, 2.0)
-# While the best alpha is the largest tried, the grid goes on with these (PACT removes part of the
-# task vectors, so its best alpha can lie above the plain method's).
-ALPHAS_EXTEND: tuple[float, ...] = (2.5, 3.0, 4.0, 5.0)
 
-# One hyperparameter at a time around the defaults (T = 8, validation split).
-ABLATION_METHODS: tuple[str, ...] = ("task_arithmetic", "ties", "tsv", "iso_cts")
-SUBSPACE_GRID: Mapping[str, tuple[Any, ...]] = {
-    "pretrained_rank": (0.05, 0.1, 0.2, 0.4),
-    "task_rank": (0.02, 0.05, 0.1, 0.2),
-    "align_threshold": (0.7, 0.8, 0.9, 0.95, 0.99, 0.999),
-    "strength": (0.1, 0.25, 0.5, 1.0),
-    "side": ("left", "right", "both"),
-    "exclude_self": (True, False),
-    "svd": ("exact", "randomized"),
+# Setting -> the transform keywords of recipes.make_merge.
+SETTINGS: Mapping[str, Mapping[str, Any]] = {
+    "none": {},
+    "paper": {"pact_preset": "paper"},
+    "release": {"pact_preset": "release"},
+    "light": {"pact_preset": "light"},
+    "sift": {"use_sift": True},
+    "scalar": {"use_pact": True},  # the scalar-weight perspective the recipe picks for TIES / DARE-TIES
 }
-SCALAR_GRID: Mapping[str, tuple[Any, ...]] = {
-    "weight_fraction": (0.05, 0.1, 0.2, 0.4),
-    "anchor_fraction": (0.25, 0.5, 0.75),
-    "strength": (0.25, 0.5, 1.0),
-    "exclude_self": (True, False),
+SETTING_LABELS: Mapping[str, str] = {
+    "none": "none",
+    "paper": "PACT (paper default)",
+    "release": "PACT (as released)",
+    "light": "PACT light",
+    "sift": "SIFT",
+    "scalar": "scalar PACT (our own extension)",
 }
-# Second stage: pairs of the best single changes of the one-at-a-time stage (one seed, T = 8).
-SUBSPACE_COMBOS: tuple[Mapping[str, Any], ...] = (
-    {"align_threshold": 0.99, "strength": 0.5},
-    {"align_threshold": 0.99, "task_rank": 0.1},
-    {"align_threshold": 0.99, "side": "right"},
-    {"strength": 0.25, "side": "right"},
-)
-SCALAR_COMBOS: tuple[Mapping[str, Any], ...] = (
-    {"anchor_fraction": 0.75, "strength": 0.5},
-    {"anchor_fraction": 0.75, "weight_fraction": 0.05},
-)
+SUBSPACE_SETTINGS: tuple[str, ...] = ("none", "paper", "release", "light", "sift")
+SCALAR_SETTINGS: tuple[str, ...] = ("none", "scalar")
+# Which transform's range of the authors a setting uses (None: the plain method's).
+AUTHORS_TRANSFORM: Mapping[str, str | None] = {"none": None, "paper": "pact", "release": "pact", "sift": "sift"}
+PATIENCE = 3  # the authors' early stop
+GRID_POINTS = 30  # linspace(lo, hi, 31)[1:]
+# Full grids (no range of the authors): (0, hi]. TIES / DARE-TIES: pact_jax's scale of one task vector;
+# their best alpha was 0.1-0.5 on the ViT zoo, 0.5-1.5 on MiniLM with the earlier grid.
+FULL_GRID_HI: Mapping[str, float] = {"ties": 2.0, "dare_ties": 2.0}
+CHUNK = 5  # alphas per jitted validation sweep (early stopping is applied point by point within)
+
+
+def settings_for(method: str, allowed: Sequence[str] = tuple(SETTINGS)) -> tuple[str, ...]:
+    """The settings that run for ``method`` (``none`` always, for the paired differences)."""
+    if method in FIXED_ALPHA:
+        return ("none",)
+    plan = SCALAR_SETTINGS if method in recipes.SCALAR_METHODS else SUBSPACE_SETTINGS
+    return tuple(s for s in plan if s == "none" or s in allowed)
+
+
+@dataclasses.dataclass(frozen=True)
+class AlphaPlan:
+    """How alpha is chosen for one (method, setting, T)."""
+
+    grid: tuple[float, ...]
+    patience: int | None  # None: the whole grid
+    source: str  # where the range comes from (said in the report)
+
+    def describe(self) -> dict[str, Any]:
+        """``lo`` is the open end of the range ``(lo, hi]`` (one step below the first point)."""
+        step = self.grid[1] - self.grid[0] if len(self.grid) > 1 else 0.0
+        return {"lo": round(self.grid[0] - step, 12), "hi": self.grid[-1], "points": len(self.grid),
+                "patience": self.patience, "source": self.source}
+
+
+def alpha_plan(method: str, setting: str, t: int, points: int = GRID_POINTS) -> AlphaPlan:
+    """The grid and early stop for ``method`` under ``setting`` with ``T = t`` tasks (module docstring)."""
+    if method in FIXED_ALPHA:
+        return AlphaPlan((FIXED_ALPHA[method],), None, "fixed (the mean model)")
+    if setting in AUTHORS_TRANSFORM and method not in recipes.SCALAR_METHODS:
+        transform = AUTHORS_TRANSFORM[setting]
+        if (method, transform) in alpha_mod.AUTHORS_RANGES:
+            grid = alpha_mod.alpha_grid(method, transform, t, points=points)
+            name = method + (f"+{transform}" if transform else "")
+            return AlphaPlan(grid, PATIENCE, f"authors' range for {name}")
+        grid = alpha_mod.alpha_grid(method, "pact", t, points=points)
+        return AlphaPlan(grid, PATIENCE, f"authors' PACT range for {method} (no authors' {transform} range for it)")
+    if method in FULL_GRID_HI:
+        hi = FULL_GRID_HI[method]
+    else:  # light: wide enough for the plain and the PACT optimum
+        hi = max(alpha_mod.alpha_grid(method, None, points=1)[-1], alpha_mod.alpha_grid(method, "pact", t, points=1)[-1])
+    grid = tuple(float(a) for a in np.linspace(0.0, hi, points + 1)[1:])
+    return AlphaPlan(grid, None, "full grid (0, hi] chosen here")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,28 +161,19 @@ class QualityConfig:
     seeds: tuple[int, ...] = (0, 1, 2)
     task_counts: tuple[int, ...] = (4, 8)
     methods: tuple[str, ...] = METHODS
-    alphas: tuple[float, ...] = ALPHAS
-    ablation: bool = False
-    ablation_only: bool = False  # skip the main tables (writes the ablation alone)
-    ablation_methods: tuple[str, ...] = ABLATION_METHODS
-    ablation_seeds: tuple[int, ...] | None = None  # None: all seeds
-    subspace_grid: Mapping[str, tuple[Any, ...]] = dataclasses.field(default_factory=lambda: dict(SUBSPACE_GRID))
-    scalar_grid: Mapping[str, tuple[Any, ...]] = dataclasses.field(default_factory=lambda: dict(SCALAR_GRID))
-    subspace_combos: tuple[Mapping[str, Any], ...] = SUBSPACE_COMBOS
-    scalar_combos: tuple[Mapping[str, Any], ...] = SCALAR_COMBOS
+    settings: tuple[str, ...] = tuple(SETTINGS)
+    grid_points: int = GRID_POINTS
+    chunk: int = CHUNK
 
 
 QUICK = QualityConfig(
     zoo=zoo_mod.QUICK,
     seeds=(0,),
     task_counts=(4,),
-    methods=("task_arithmetic", "tsv"),
-    alphas=(0.3, 1.0),
-    ablation_methods=("tsv",),
-    subspace_grid={"align_threshold": (0.9, 0.99)},
-    scalar_grid={},
-    subspace_combos=(),
-    scalar_combos=(),
+    methods=("average", "task_arithmetic", "tsv", "ties"),
+    settings=("none", "paper", "light", "sift", "scalar"),
+    grid_points=4,
+    chunk=2,
 )
 
 
@@ -167,12 +214,23 @@ class TaskEvaluator:
         self.val, self.test = val, test
         shared, per_task = accuracy_fns
         self._shared = shared
-        self.finetuned = np.asarray(per_task(zoo_mod._stack(self.fts), self.heads, *self.test, self.ncls))
+        stacked = zoo_mod._stack(self.fts)
+        self.finetuned = np.asarray(per_task(stacked, self.heads, *self.test, self.ncls))
+        self.finetuned_val = np.asarray(per_task(stacked, self.heads, *self.val, self.ncls))
         self.pretrained = np.asarray(shared(self.pre, probe_heads, *self.test, self.ncls))
+
+    def sweep_tasks(self, delta: PyTree, alphas: Sequence[float]) -> np.ndarray:
+        """Validation accuracy per task at each alpha, ``(len(alphas), T)``: one jitted call."""
+        return np.asarray(_sweep_fn(self._shared)(self.pre, delta, jnp.asarray(alphas, jnp.float32), self.heads,
+                                                  *self.val, self.ncls))
 
     def sweep(self, delta: PyTree, alphas: Sequence[float]) -> np.ndarray:
         """Mean validation accuracy at each alpha, ``(len(alphas),)``."""
-        return np.asarray(_sweep_fn(self._shared)(self.pre, delta, jnp.asarray(alphas), self.heads, *self.val, self.ncls))
+        return self.sweep_tasks(delta, alphas).mean(axis=1)
+
+    def val_scores(self, acc: np.ndarray) -> dict[str, float]:
+        """``{'mean', 'normalized'}`` of one ``(T,)`` validation accuracy vector (the authors' two criteria)."""
+        return {"mean": float(acc.mean()), "normalized": float(np.mean(acc / np.maximum(self.finetuned_val, 1e-6)))}
 
     def test_acc(self, delta: PyTree, alpha: float) -> np.ndarray:
         return np.asarray(self._shared(pact_jax.apply_delta(self.pre, delta, alpha), self.heads, *self.test, self.ncls))
@@ -204,93 +262,127 @@ def _accuracy_fns(cfg: zoo_mod.ZooConfig):
 @functools.lru_cache(maxsize=None)
 def _sweep_fn(shared: Callable):
     def sweep(pre, delta, alphas, heads, x, y, ncls):
-        return jax.lax.map(lambda a: shared(pact_jax.apply_delta(pre, delta, a), heads, x, y, ncls).mean(), alphas)
+        return jax.lax.map(lambda a: shared(pact_jax.apply_delta(pre, delta, a), heads, x, y, ncls), alphas)
 
     return jax.jit(sweep)
 
 
 def merge_key(seed: int, method: str) -> jax.Array:
-    """The PRNG key of a merge (DARE, randomized SVD): from the seed and the method name."""
+    """The PRNG key of a merge (DARE, randomized SVD): from the seed and the method name (the same for
+    every setting of a method, so DARE drops the same entries with and without a transform)."""
     return jax.random.fold_in(jax.random.key(seed), sum(ord(c) * 31**i for i, c in enumerate(method)) % (2**31))
 
 
-def merged_delta(
-    ev: TaskEvaluator, method: str, use_pact: bool, pact_kwargs: Mapping[str, Any] | None = None
-) -> PyTree:
-    """``merge.delta`` of :func:`pact_jax.recipes.make_merge` for the evaluator's models.
+def recipe(method: str, setting: str) -> dict[str, Any]:
+    """The keywords of :func:`pact_jax.recipes.make_merge` for ``method`` under ``setting``."""
+    if setting not in SETTINGS:
+        raise ValueError(f"unknown setting {setting!r}; choose one of {list(SETTINGS)}.")
+    return {**SETTINGS[setting], "method_kwargs": dict(METHOD_KWARGS.get(method, {}))}
 
-    ``svd='randomized'`` in ``pact_kwargs`` also randomizes TSV-M's truncated
-    SVDs (the randomized path of the speed benchmark), as ``pact-jax merge --svd`` does.
-    """
-    recipe = dict(
-        use_pact=use_pact,
-        pact_kwargs=dict(pact_kwargs or {}) if use_pact else None,
-        method_kwargs=METHOD_KWARGS.get(method, {}),
-        svd=(pact_kwargs or {}).get("svd"),
-    )
-    merge = recipes.make_merge(method, rules=ev.rules, **recipe)
-    key = merge_key(ev.seed, method) if recipes.needs_key(method, **recipe) else None
+
+def merged_delta(ev: TaskEvaluator, method: str, setting: str = "none") -> PyTree:
+    """``merge.delta`` of :func:`pact_jax.recipes.make_merge` for the evaluator's models."""
+    kw = recipe(method, setting)
+    merge = recipes.make_merge(method, rules=ev.rules, **kw)
+    key = merge_key(ev.seed, method) if recipes.needs_key(method, **kw) else None
     return jax.block_until_ready(merge.delta(ev.pre, ev.fts, key=key))
 
 
-def pact_energy_removed(ev: TaskEvaluator, method: str, pact_kwargs: Mapping[str, Any] | None = None) -> float:
-    """Share of the task vectors' total squared norm that PACT removes (mean over tasks)."""
-    kw = {"perspective": recipes.default_perspective(method), **(pact_kwargs or {})}
-    if kw.get("svd") == "randomized":
-        kw.setdefault("key", merge_key(ev.seed, method))
+def _sq_norms(tree: PyTree) -> np.ndarray:
+    """``(T,)`` squared norms of a stacked tree."""
+    return sum(np.sum(np.square(np.asarray(x, np.float64)).reshape(x.shape[0], -1), axis=1)
+               for x in jax.tree_util.tree_leaves(tree))
+
+
+def energy_removed(ev: TaskEvaluator, method: str, setting: str) -> float | None:
+    """Share of the task vectors' squared norm that the setting's transform (PACT or SIFT) removes,
+    mean over tasks; ``None`` without a transform. Runs the transform as the recipe does
+    (:func:`pact_jax.recipes.transform_settings`)."""
+    kw = recipe(method, setting)
+    kw.pop("method_kwargs")
+    transform, t_kw = recipes.transform_settings(method, **kw)
+    if transform is None:
+        return None
+    t_kw = dict(t_kw)
+    if t_kw.get("svd") == "randomized":
+        t_kw.setdefault("key", merge_key(ev.seed, method))
     stacked = pact_jax.task_vectors(ev.pre, ev.fts)
-    cleaned = pact_jax.pact(ev.pre, stacked, rules=ev.rules, **kw)
-
-    def sq(tree):
-        return sum(np.sum(np.square(np.asarray(x)).reshape(x.shape[0], -1), axis=1) for x in jax.tree_util.tree_leaves(tree))
-
-    removed = sq(jax.tree_util.tree_map(lambda a, b: a - b, stacked, cleaned))
-    return float(np.mean(removed / sq(stacked)))
+    cleaned = getattr(pact_jax, transform)(ev.pre, stacked, rules=ev.rules, **t_kw)
+    removed = _sq_norms(jax.tree_util.tree_map(lambda a, b: a - b, stacked, cleaned))
+    return float(np.mean(removed / _sq_norms(stacked)))
 
 
-def evaluate_method(
-    ev: TaskEvaluator,
-    method: str,
-    use_pact: bool,
-    alphas: Sequence[float],
-    pact_kwargs: Mapping[str, Any] | None = None,
-    test: bool = True,
-    alphas_extend: Sequence[float] = ALPHAS_EXTEND,
+def pact_energy_removed(ev: TaskEvaluator, method: str, setting: str = "paper") -> float | None:
+    """:func:`energy_removed` (kept under its earlier name)."""
+    return energy_removed(ev, method, setting)
+
+
+def choose_alpha(ev: TaskEvaluator, delta: PyTree, plan: AlphaPlan, chunk: int = CHUNK) -> dict[str, Any]:
+    """Walks ``plan`` on the validation split (early stop on the mean accuracy, best by the normalised
+    accuracy); when the best is the grid's largest value, walks on to twice that value (the same
+    number of points, no early stop) and takes the best of everything walked."""
+
+    def evaluate_many(alphas: tuple[float, ...]) -> list[dict[str, float]]:
+        padded = tuple(alphas) + (alphas[-1],) * (chunk - len(alphas))  # one compiled shape
+        return [ev.val_scores(a) for a in ev.sweep_tasks(delta, padded)[: len(alphas)]]
+
+    found = alpha_mod.search_curve(evaluate_many, plan.grid, patience=plan.patience, stop_on="mean",
+                                   select_by="normalized", chunk=chunk)
+    alphas, metrics = list(found.alphas), list(found.metrics)
+    widened_to = None
+    if found.at_high_end and len(plan.grid) > 1:
+        hi = plan.grid[-1]
+        ext = tuple(float(a) for a in np.linspace(hi, 2 * hi, len(plan.grid) + 1)[1:])
+        more = alpha_mod.search_curve(evaluate_many, ext, patience=None, stop_on="mean", select_by="normalized",
+                                      chunk=chunk)
+        alphas += more.alphas
+        metrics += more.metrics
+        widened_to = ext[-1]
+    norm = [m["normalized"] for m in metrics]
+    best = int(np.argmax(norm))  # the first maximum
+    last = plan.grid[-1] if widened_to is None else widened_to
+    at_end = "high" if alphas[best] == last else "low" if best == 0 else None
+    return {
+        "alpha": alphas[best], "val_mean": metrics[best]["mean"], "val_normalized": metrics[best]["normalized"],
+        "grid": plan.describe(), "widened_to": widened_to, "at_end": at_end,
+        "stopped_early": found.stopped_early,
+        "curve": {"alpha": alphas, "val_mean": [m["mean"] for m in metrics], "val_normalized": norm},
+    }
+
+
+def evaluate_setting(
+    ev: TaskEvaluator, method: str, setting: str, points: int = GRID_POINTS, chunk: int = CHUNK, test: bool = True
 ) -> dict[str, Any]:
-    """Merge once, choose alpha on validation (first maximum), report test there.
-
-    The grid is ``alphas``, extended by ``alphas_extend`` (default
-    :data:`ALPHAS_EXTEND`) one value at a time while its largest value is the best.
-    """
+    """Merge once, choose alpha on validation (:func:`alpha_plan`, :func:`choose_alpha`), report test there."""
     t0 = time.perf_counter()
-    delta = merged_delta(ev, method, use_pact, pact_kwargs)
+    delta = merged_delta(ev, method, setting)
     merge_s = time.perf_counter() - t0
-    if method in FIXED_ALPHA:
-        grid = (FIXED_ALPHA[method],)
-        val = ev.sweep(delta, grid)
+    plan = alpha_plan(method, setting, ev.t, points)
+    t0 = time.perf_counter()
+    if plan.grid == (FIXED_ALPHA.get(method),):
+        scores = ev.val_scores(ev.sweep_tasks(delta, plan.grid)[0])
+        out = {"alpha": plan.grid[0], "val_mean": scores["mean"], "val_normalized": scores["normalized"],
+               "grid": plan.describe(), "widened_to": None, "at_end": None, "stopped_early": False,
+               "curve": {"alpha": list(plan.grid), "val_mean": [scores["mean"]], "val_normalized": [scores["normalized"]]}}
     else:
-        grid = tuple(alphas)
-        val = ev.sweep(delta, grid)
-        extra = [a for a in alphas_extend if a > max(grid)]
-        while extra and int(np.argmax(val)) == len(grid) - 1:
-            grid += (extra.pop(0),)
-            val = np.concatenate([val, ev.sweep(delta, grid[-1:])])
-    best = int(np.argmax(val))
-    out = {"alpha": float(grid[best]), "val_mean": float(val[best]), "merge_s": merge_s}
+        out = choose_alpha(ev, delta, plan, chunk)
+    out.update(setting=setting, merge_s=merge_s, search_s=time.perf_counter() - t0)
     if test:
-        acc = ev.test_acc(delta, grid[best])
+        acc = ev.test_acc(delta, out["alpha"])
         out.update(per_task=[float(a) for a in acc], mean=float(acc.mean()),
                    normalized=float(np.mean(acc / ev.finetuned)))
+    out["energy_removed"] = energy_removed(ev, method, setting)
     return out
 
 
 def evaluate_methods(
-    ev: TaskEvaluator, methods: Sequence[str], alphas: Sequence[float], log: Callable[[str], None],
-    alphas_extend: Sequence[float] = ALPHAS_EXTEND,
+    ev: TaskEvaluator, methods: Sequence[str], settings: Sequence[str], log: Callable[[str], None],
+    points: int = GRID_POINTS, chunk: int = CHUNK,
 ) -> dict[str, Any]:
-    """Baselines and every method without / with PACT on one evaluator: one ``per_T[t][seed]`` entry."""
+    """Baselines and every (method, setting) on one evaluator: one ``per_T[t][seed]`` entry."""
     res: dict[str, Any] = {
-        "finetuned": {"per_task": ev.finetuned.tolist(), "mean": float(ev.finetuned.mean()), "normalized": 1.0},
+        "finetuned": {"per_task": ev.finetuned.tolist(), "mean": float(ev.finetuned.mean()), "normalized": 1.0,
+                      "val_per_task": ev.finetuned_val.tolist()},
         "pretrained": {
             "per_task": ev.pretrained.tolist(),
             "mean": float(ev.pretrained.mean()),
@@ -299,89 +391,48 @@ def evaluate_methods(
         "methods": {},
     }
     for method in methods:
-        plain = evaluate_method(ev, method, False, alphas, alphas_extend=alphas_extend)
-        with_pact = evaluate_method(ev, method, True, alphas, alphas_extend=alphas_extend)
-        with_pact["energy_removed"] = pact_energy_removed(ev, method)
-        res["methods"][method] = {"plain": plain, "pact": with_pact}
-        log(
-            f"    T={ev.t} seed {ev.seed} {method:<16} {100 * plain['mean']:5.1f} (alpha {plain['alpha']:.2f})  "
-            f"+PACT {100 * with_pact['mean']:5.1f} (alpha {with_pact['alpha']:.2f}, "
-            f"removes {100 * with_pact['energy_removed']:.1f}% of ||tau||^2)"
-        )
+        res["methods"][method] = {}
+        for setting in settings_for(method, settings):
+            r = evaluate_setting(ev, method, setting, points, chunk)
+            res["methods"][method][setting] = r
+            e = r["energy_removed"]
+            log(
+                f"    T={ev.t} seed {ev.seed} {method:<16} {setting:<8} test {100 * r['mean']:5.1f} "
+                f"(norm {100 * r['normalized']:5.1f}) alpha {r['alpha']:.3g} ({len(r['curve']['alpha'])} tried"
+                + (f", widened to {r['widened_to']:.3g}" if r["widened_to"] else "")
+                + (f", best at the {r['at_end']} end" if r["at_end"] else "") + ")"
+                + ("" if e is None else f", removes {100 * e:.1f}% of ||tau||^2")
+                + f"  [{r['merge_s']:.1f} s merge, {r['search_s']:.1f} s alpha]"
+            )
     return res
 
 
 def evaluate_zoo(
     cfg: QualityConfig, zoo: zoo_mod.Zoo, data, seed: int, t: int, log: Callable[[str], None]
 ) -> dict[str, Any]:
-    return evaluate_methods(Evaluator(cfg.zoo, zoo, data, t, seed), cfg.methods, cfg.alphas, log)
+    return evaluate_methods(Evaluator(cfg.zoo, zoo, data, t, seed), cfg.methods, cfg.settings, log,
+                            cfg.grid_points, cfg.chunk)
 
 
-# --------------------------------------------------------------------------
-# Ablation of PACT's hyperparameters (validation split only)
-
-
-def _pact_defaults(perspective: str) -> dict[str, Any]:
-    defaults = {
-        k: p.default for k, p in inspect.signature(pact_jax.pact).parameters.items() if p.default is not p.empty
+def protocol_config(cfg_methods: Sequence[str], settings: Sequence[str], points: int, chunk: int,
+                    task_counts: Sequence[int]) -> dict[str, Any]:
+    """What the report states about the settings and the alpha protocol (JSON ``config`` entries)."""
+    return {
+        "settings": list(settings),
+        "setting_labels": dict(SETTING_LABELS),
+        "recipes": {s: dict(SETTINGS[s]) for s in settings},
+        "plan": {m: list(settings_for(m, settings)) for m in cfg_methods},
+        "alpha_protocol": {
+            "points": points, "patience": PATIENCE, "chunk": chunk, "stop_on": "validation mean accuracy",
+            "select_by": "validation normalised accuracy", "widen": "x2 when the best is the grid's top",
+            "grids": {str(t): {m: {s: alpha_plan(m, s, t, points).describe() for s in settings_for(m, settings)}
+                               for m in cfg_methods} for t in task_counts},
+        },
+        "method_kwargs": {k: dict(v) for k, v in METHOD_KWARGS.items()},
+        "fixed_alpha": dict(FIXED_ALPHA),
+        "pact_perspective": {p: [m for m in cfg_methods if recipes.default_perspective(m) == p]
+                             for p in ("subspace", "scalar")},
     }
-    return {**defaults, "strength": DEFAULT_STRENGTH[perspective]}
-
-
-def ablation_settings(cfg: QualityConfig, method: str) -> list[tuple[str, Any, dict[str, Any]]]:
-    """``(hyperparameter, value, pact_kwargs)`` rows for ``method``: one change at a time from the defaults.
-
-    The first row is the library defaults; values equal to a default are not
-    repeated. Methods whose recipe uses the subspace perspective run the
-    subspace grid; those using the scalar perspective run the scalar grid
-    plus one row with ``perspective='subspace'`` (everything else default);
-    then the pairs of changes in ``cfg.*_combos`` (hyperparameter
-    ``'combination'``).
-    """
-    defaults = _pact_defaults(recipes.default_perspective(method))
-    rows: list[tuple[str, Any, dict[str, Any]]] = [("(defaults)", "", {})]
-
-    def add(grid: Mapping[str, tuple[Any, ...]]) -> None:
-        for name, values in grid.items():
-            rows.extend((name, v, {name: v}) for v in values if not (name in defaults and v == defaults[name]))
-
-    if recipes.default_perspective(method) == "scalar":
-        add(cfg.scalar_grid)
-        rows.append(("perspective", "subspace", {"perspective": "subspace"}))
-        combos = cfg.scalar_combos
-    else:
-        add(cfg.subspace_grid)
-        combos = cfg.subspace_combos
-    for kw in combos:
-        rows.append(("combination", ", ".join(f"{k}={v}" for k, v in kw.items()), dict(kw)))
-    return rows
-
-
-def run_ablation(cfg: QualityConfig, zoos: Mapping[int, zoo_mod.Zoo], data, log: Callable[[str], None]) -> dict[str, Any]:
-    t = max(cfg.task_counts)
-    seeds = cfg.ablation_seeds or cfg.seeds
-    out: dict[str, Any] = {"T": t, "seeds": list(seeds), "methods": {}}
-    for method in cfg.ablation_methods:
-        rows = ablation_settings(cfg, method)
-        scores = {i: [] for i in range(len(rows))}
-        plain = []
-        for seed in seeds:
-            ev = Evaluator(cfg.zoo, zoos[seed], data, t, seed)
-            plain.append(evaluate_method(ev, method, False, cfg.alphas, test=False)["val_mean"])
-            for i, (name, value, kw) in enumerate(rows):
-                scores[i].append(evaluate_method(ev, method, True, cfg.alphas, kw, test=False)["val_mean"])
-                log(f"    ablation {method} seed {seed} {name}={value}: val {100 * scores[i][-1]:.2f}")
-        table = [
-            {"hyperparameter": name, "value": value, "pact_kwargs": kw, "val": scores[i]}
-            for i, (name, value, kw) in enumerate(rows)
-        ]
-        out["methods"][method] = {"plain_val": plain, "rows": table}
-        best = max(table, key=lambda r: np.mean(r["val"]))
-        log(
-            f"  ablation {method}: no PACT {100 * np.mean(plain):.2f}, defaults {100 * np.mean(table[0]['val']):.2f}, "
-            f"best {best['hyperparameter']}={best['value']} {100 * np.mean(best['val']):.2f} (val, T={t})"
-        )
-    return out
 
 
 # --------------------------------------------------------------------------
@@ -389,7 +440,7 @@ def run_ablation(cfg: QualityConfig, zoos: Mapping[int, zoo_mod.Zoo], data, log:
 
 
 def quality_bars(results: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """The issue's bars, checked on the largest T (means over seeds)."""
+    """The issue's bars, checked on the largest T (means over seeds; the methods without a transform)."""
     t = str(max(int(k) for k in results["per_T"]))
     seeds = results["per_T"][t]
 
@@ -408,10 +459,10 @@ def quality_bars(results: Mapping[str, Any]) -> list[dict[str, Any]]:
     methods = seeds[next(iter(seeds))]["methods"]
 
     def acc(m):
-        return mean(lambda s: s["methods"][m]["plain"]["mean"])
+        return mean(lambda s: s["methods"][m]["none"]["mean"])
 
     if "task_arithmetic" in methods:
-        ta_norm = mean(lambda s: s["methods"]["task_arithmetic"]["plain"]["normalized"])
+        ta_norm = mean(lambda s: s["methods"]["task_arithmetic"]["none"]["normalized"])
         bars.append({
             "bar": f"task arithmetic clearly below the fine-tuned models: normalised accuracy <= 90% (T={t})",
             "value": f"{100 * ta_norm:.1f}%",
@@ -432,17 +483,8 @@ def quality_bars(results: Mapping[str, Any]) -> list[dict[str, Any]]:
 # Driver
 
 
-def run(
-    cfg: QualityConfig,
-    cache: Path | None = None,
-    log: Callable[[str], None] = print,
-    checkpoint: Callable[[dict[str, Any]], None] | None = None,
-) -> dict[str, Any]:
-    """Builds or loads the zoos, evaluates every method, optionally the ablation.
-
-    ``checkpoint(results)`` is called with the main results before the
-    (long) ablation starts, so they are written even if it is interrupted.
-    """
+def run(cfg: QualityConfig, cache: Path | None = None, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Builds or loads the zoos and evaluates every (method, setting)."""
     t_start = time.perf_counter()
     data = zoo_mod.make_data(cfg.zoo)
     log(f"data ready ({time.perf_counter() - t_start:.0f} s)")
@@ -454,10 +496,12 @@ def run(
         log(f"zoo seed {seed}: {'cached' if cached else 'built'} ({time.perf_counter() - t0:.0f} s)")
     t0 = time.perf_counter()
     per_t: dict[str, dict[str, Any]] = {}
-    for t in () if cfg.ablation_only else cfg.task_counts:
+    for t in cfg.task_counts:
         per_t[str(t)] = {}
         for seed in cfg.seeds:
+            t1 = time.perf_counter()
             per_t[str(t)][str(seed)] = evaluate_zoo(cfg, zoos[seed], data, seed, t, log)
+            log(f"  T={t} seed {seed}: {time.perf_counter() - t1:.0f} s")
     eval_s = time.perf_counter() - t0
     results: dict[str, Any] = {
         "command": "python -m benchmarks.quality " + " ".join(sys.argv[1:]) if sys.argv and "quality" in sys.argv[0] else None,
@@ -465,11 +509,8 @@ def run(
         "machine": machine(),
         "config": {
             "seeds": list(cfg.seeds), "task_counts": list(cfg.task_counts), "methods": list(cfg.methods),
-            "alphas": list(cfg.alphas), "alphas_extend": list(ALPHAS_EXTEND), "method_kwargs": {k: dict(v) for k, v in METHOD_KWARGS.items()},
-            "fixed_alpha": dict(FIXED_ALPHA), "zoo": dataclasses.asdict(cfg.zoo), "zoo_digest": cfg.zoo.digest(),
-            "pact_perspective": {
-                p: [m for m in cfg.methods if recipes.default_perspective(m) == p] for p in ("subspace", "scalar")
-            },
+            **protocol_config(cfg.methods, cfg.settings, cfg.grid_points, cfg.chunk, cfg.task_counts),
+            "zoo": dataclasses.asdict(cfg.zoo), "zoo_digest": cfg.zoo.digest(),
         },
         "tasks": [{"name": t.name, "classes": t.num_classes, "analogue": t.analogue, "pretrain_bit": t.pretrain_bit}
                   for t in cfg.zoo.task_list],
@@ -477,14 +518,7 @@ def run(
         "per_T": per_t,
         "timings": {"eval_s": eval_s},
     }
-    if cfg.ablation or cfg.ablation_only:
-        if checkpoint is not None and not cfg.ablation_only:
-            checkpoint({**results, "bars": quality_bars(results),
-                        "timings": {**results["timings"], "total_s": time.perf_counter() - t_start}})
-        t0 = time.perf_counter()
-        results["ablation"] = run_ablation(cfg, zoos, data, log)
-        results["timings"]["ablation_s"] = time.perf_counter() - t0
-    results["bars"] = quality_bars(results) if per_t else []
+    results["bars"] = quality_bars(results)
     results["timings"]["total_s"] = time.perf_counter() - t_start
     return results
 
@@ -502,26 +536,43 @@ def machine() -> str:
             f"Python {platform.python_version()}, jax {jax.__version__} ({jax.devices()[0].platform})")
 
 
+def add_protocol_args(p: argparse.ArgumentParser) -> None:
+    """``--methods``, ``--settings``, ``--points`` (shared with :mod:`benchmarks.minilm_suite`)."""
+    p.add_argument("--methods", nargs="+", default=None, choices=METHODS, help="methods (default: all)")
+    p.add_argument("--settings", nargs="+", default=None, choices=list(SETTINGS),
+                   help="settings besides 'none', where they apply to a method (default: all)")
+    p.add_argument("--points", type=int, default=None,
+                   help=f"points per alpha grid (default {GRID_POINTS}, the authors' linspace(lo, hi, 31)[1:])")
+
+
+def protocol_changes(args: argparse.Namespace) -> dict[str, Any]:
+    changes: dict[str, Any] = {}
+    if args.methods:
+        changes["methods"] = tuple(args.methods)
+    if args.settings:
+        changes["settings"] = tuple(dict.fromkeys(("none", *args.settings)))
+    if args.points is not None:
+        if args.points < 1:
+            raise ValueError(f"--points {args.points}: at least 1.")
+        changes["grid_points"] = args.points
+    return changes
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m benchmarks.quality", description=__doc__.split("\n\n")[0])
     p.add_argument("--tasks", type=int, nargs="+", default=None, help="task counts T (default: 4 8)")
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="zoo seeds (default: 0 1 2)")
-    p.add_argument("--methods", nargs="+", default=None, choices=METHODS, help="methods (default: all)")
+    add_protocol_args(p)
     p.add_argument("--quick", action="store_true", help="tiny zoo and settings (the CI test); seconds")
-    p.add_argument("--ablation", action="store_true", help="also run PACT's hyperparameter ablation (T = max --tasks)")
-    p.add_argument("--ablation-only", action="store_true",
-                   help="run only the ablation (default output benchmarks/results_ablation.md)")
-    p.add_argument("--ablation-seeds", type=int, nargs="+", default=None, help="seeds for the ablation (default: --seeds)")
     p.add_argument("--cache", type=Path, default=None, help="zoo cache (default: $PACT_JAX_CACHE/zoo or ~/.cache/pact_jax/zoo)")
     p.add_argument("--out", type=Path, default=None,
-                   help="markdown output; the JSON and PNG are written next to it (default: "
-                        "benchmarks/results_quality.md, or results_ablation.md with --ablation-only)")
+                   help="markdown output; the JSON and PNG are written next to it (default: benchmarks/results_quality.md)")
     return p
 
 
 def config_from_args(args: argparse.Namespace) -> QualityConfig:
     cfg = QUICK if args.quick else QualityConfig()
-    changes: dict[str, Any] = {"ablation": args.ablation, "ablation_only": args.ablation_only}
+    changes = protocol_changes(args)
     if args.tasks:
         bad = [t for t in args.tasks if not 1 <= t <= cfg.zoo.num_tasks]
         if bad:
@@ -529,10 +580,6 @@ def config_from_args(args: argparse.Namespace) -> QualityConfig:
         changes["task_counts"] = tuple(args.tasks)
     if args.seeds:
         changes["seeds"] = tuple(args.seeds)
-    if args.methods:
-        changes["methods"] = tuple(args.methods)
-    if args.ablation_seeds:
-        changes["ablation_seeds"] = tuple(args.ablation_seeds)
     return dataclasses.replace(cfg, **changes)
 
 
@@ -544,15 +591,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as e:
         parser.error(str(e))
     command = "python -m benchmarks.quality" + "".join(f" {a}" for a in (sys.argv[1:] if argv is None else argv))
-    out = args.out or Path(__file__).parent / ("results_ablation.md" if args.ablation_only else "results_quality.md")
-
-    def write(res: dict[str, Any]) -> list[Path]:
-        res["command"] = command
-        return report.write(res, out)
-
-    results = run(cfg, args.cache, log=lambda s: print(s, flush=True),
-                  checkpoint=lambda r: print("main results written to " + ", ".join(map(str, write(r))), flush=True))
-    paths = write(results)
+    out = args.out or Path(__file__).parent / "results_quality.md"
+    results = run(cfg, args.cache, log=lambda s: print(s, flush=True))
+    results["command"] = command
+    results["reading"] = report.reading(results)
+    paths = report.write(results, out)
     print()
     print(report.summary(results))
     print("wrote " + ", ".join(str(p) for p in paths))

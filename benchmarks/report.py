@@ -35,31 +35,63 @@ def _task_names(results: Mapping[str, Any], t: str) -> list[str]:
     return [task["name"] for task in results["tasks"][: int(t)]]
 
 
-def _method_stat(seeds, method: str, variant: str, field: str) -> list[float]:
-    return [s["methods"][method][variant][field] for s in seeds]
+def _rows(seeds) -> list[tuple[str, str]]:
+    """``(method, setting)`` pairs in run order."""
+    return [(m, st) for m, by in seeds[0]["methods"].items() for st in by]
+
+
+def _stat(seeds, method: str, setting: str, field: str) -> list[Any]:
+    return [s["methods"][method][setting][field] for s in seeds]
+
+
+def _label(results: Mapping[str, Any], setting: str) -> str:
+    return results["config"].get("setting_labels", {}).get(setting, setting)
+
+
+def _grid_cell(r: Mapping[str, Any]) -> str:
+    g = r["grid"]
+    if g["points"] == 1:
+        return f"{g['hi']:g} (fixed)"
+    stop = f"stop after {g['patience']}" if g["patience"] else "whole grid"
+    note = "†" if "no authors'" in g["source"] else "" if g["source"].startswith("authors'") else "‡"
+    return f"({g['lo']:.3g}, {g['hi']:.3g}] × {g['points']}, {stop}{note}"
+
+
+def _end_cell(seeds, method: str, setting: str) -> str:
+    """Per seed: where the chosen alpha sits (h: top of the grid, l: its first point, w: grid widened)."""
+    marks = []
+    for s in seeds:
+        r = s["methods"][method][setting]
+        m = ("w" if r.get("widened_to") else "") + {"high": "h", "low": "l"}.get(r.get("at_end"), "")
+        marks.append(m or "–")
+    return "/".join(marks)
 
 
 def summary_rows(results: Mapping[str, Any], t: str) -> list[list[str]]:
     seeds = _seeds(results, t)
     rows = []
     for label, key in (("pre-trained + probe heads", "pretrained"), ("individual fine-tuned", "finetuned")):
-        rows.append([label, _ms([s[key]["mean"] for s in seeds]), "", "", _ms([s[key]["normalized"] for s in seeds]),
-                     "", "", "", "", ""])
-    for m in seeds[0]["methods"]:
-        a, b = (lambda f, m=m: _method_stat(seeds, m, "plain", f)), (lambda f, m=m: _method_stat(seeds, m, "pact", f))
-        alphas = "/".join(f"{x:g}" for x in a("alpha"))
-        alphas_p = "/".join(f"{x:g}" for x in b("alpha"))
+        rows.append([label, "", _ms([s[key]["mean"] for s in seeds]), _ms([s[key]["normalized"] for s in seeds]),
+                     "", "", "", "", "", ""])
+    for m, st in _rows(seeds):
+        f = lambda field, st=st, m=m: _stat(seeds, m, st, field)
+        has_base = st != "none" and "none" in seeds[0]["methods"][m]
+        base = (lambda field, m=m: _stat(seeds, m, "none", field))
+        energy = [e for e in f("energy_removed") if e is not None]
         rows.append([
-            m, _ms(a("mean")), _ms(b("mean")), _delta(a("mean"), b("mean")),
-            _ms(a("normalized")), _ms(b("normalized")), _delta(a("normalized"), b("normalized")),
-            alphas, alphas_p, f"{100 * np.mean(b('energy_removed')):.1f}%",
+            m, _label(results, st), _ms(f("mean")), _ms(f("normalized")),
+            _delta(base("mean"), f("mean")) if has_base else "",
+            _delta(base("normalized"), f("normalized")) if has_base else "",
+            "/".join(f"{x:.3g}" for x in f("alpha")), _end_cell(seeds, m, st),
+            _grid_cell(seeds[0]["methods"][m][st]),
+            f"{100 * np.mean(energy):.1f}%" if energy else "",
         ])
     return rows
 
 
 SUMMARY_HEADER = [
-    "method", "acc", "acc +PACT", "Δ acc", "norm. acc", "norm. +PACT", "Δ norm.", "α (per seed)",
-    "α +PACT", "‖τ‖² removed by PACT",
+    "method", "setting", "test acc", "norm. acc", "Δ acc vs none", "Δ norm. vs none", "α (per seed)",
+    "α at grid end (per seed)", "α grid", "‖τ‖² removed",
 ]
 
 
@@ -80,31 +112,10 @@ def per_task_rows(results: Mapping[str, Any], t: str, normalized: bool) -> list[
 
     rows = [["pre-trained + probe heads", *cells(np.asarray([s["pretrained"]["per_task"] for s in seeds]))]]
     rows.append(["individual fine-tuned", *cells(ft)])
-    for m in seeds[0]["methods"]:
-        for variant, label in (("plain", m), ("pact", f"{m} + PACT")):
-            rows.append([label, *cells(np.asarray([s["methods"][m][variant]["per_task"] for s in seeds]))])
+    for m, st in _rows(seeds):
+        label = m if st == "none" else f"{m} + {_label(results, st)}"
+        rows.append([label, *cells(np.asarray(_stat(seeds, m, st, "per_task")))])
     return rows
-
-
-def ablation_lines(abl: Mapping[str, Any]) -> list[str]:
-    lines = [
-        f"Validation accuracy (%, mean over seeds {abl['seeds']}, T = {abl['T']}, alpha re-chosen on validation "
-        "for every setting); one hyperparameter changed at a time from the library defaults. "
-        "Δ is against the same method without PACT; **bold** is each method's best setting.",
-        "",
-    ]
-    for method, res in abl["methods"].items():
-        plain = float(np.mean(res["plain_val"]))
-        best_i = int(np.argmax([np.mean(r["val"]) for r in res["rows"]]))
-        lines += [f"**{method}** (no PACT: {100 * plain:.2f})", ""]
-        rows = []
-        for i, r in enumerate(res["rows"]):
-            v = float(np.mean(r["val"]))
-            cell = f"{100 * v:.2f}"
-            rows.append([r["hyperparameter"], str(r["value"]), f"**{cell}**" if i == best_i else cell,
-                         f"{100 * (v - plain):+.2f}"])
-        lines += _table(["hyperparameter", "value", "val acc +PACT", "Δ vs no PACT"], rows) + [""]
-    return lines
 
 
 def vit_header(results: Mapping[str, Any]) -> list[str]:
@@ -117,14 +128,13 @@ def vit_header(results: Mapping[str, Any]) -> list[str]:
              for s, b in build.items()]
     tm = results["timings"]
     lines = [
-        "# Quality: what PACT adds to each merging method",
+        "# Quality: what PACT (and SIFT) add to each merging method",
         "",
         f"Command: `{results['command']}`  ",
         f"Machine: {results['machine']}  ",
         f"Date: {results['date']}  ",
         f"Run time: {tm['total_s']:.0f} s in all; zoo build (pre-training + fine-tuning, measured when built) "
-        f"{', '.join(built)}; merges and evaluation {tm['eval_s']:.0f} s"
-        + (f"; ablation {tm['ablation_s']:.0f} s" if "ablation_s" in tm else "") + ".",
+        f"{', '.join(built)}; merges and evaluation {tm['eval_s']:.0f} s.",
         "",
         "## Zoo",
         "",
@@ -151,18 +161,40 @@ def vit_header(results: Mapping[str, Any]) -> list[str]:
         "",
         "Pre-trained baseline: the pre-trained encoder with each task's linear-probe head (trained on the frozen "
         "pre-trained encoder before fine-tuning). Merged models use each task's fine-tuned model's head"
-        + (" (the same probe head). " if zc.get("freeze_head", False) else ". ")
-        + "Weight averaging "
-        f"uses alpha = {cfg['fixed_alpha'].get('average', 1.0)}; every other method (with and without PACT) has its "
-        f"alpha chosen on the validation split from {{{', '.join(f'{a:g}' for a in cfg['alphas'])}}} "
-        f"(extended by {', '.join(f'{a:g}' for a in cfg.get('alphas_extend', []))} while the largest value tried is "
-        "the best), and the "
-        f"test split is reported. Mergers: {', '.join(f'{m} {kw}' for m, kw in cfg['method_kwargs'].items())}; "
-        "PACT with the library defaults through `pact_jax.recipes.make_merge`, in the perspective the recipe picks "
-        f"({'; '.join(f'{p}: {chr(44).join(ms)}' for p, ms in cfg.get('pact_perspective', {}).items())}).",
+        + (" (the same probe head)." if zc.get("freeze_head", False) else "."),
         "",
+        *protocol_lines(results),
+        "",
+        *results.get("reading", []),
     ]
     return lines
+
+
+def protocol_lines(results: Mapping[str, Any]) -> list[str]:
+    """The settings and the alpha protocol, in words (both suites)."""
+    cfg = results["config"]
+    ap = cfg["alpha_protocol"]
+    labels = cfg.get("setting_labels", {})
+    plan = "; ".join(f"{m}: {', '.join(labels.get(s, s) for s in ss)}" for m, ss in cfg["plan"].items())
+    recipes = "; ".join(f"{labels.get(s, s)} = `make_merge(..., {', '.join(f'{k}={v!r}' for k, v in kw.items())})`"
+                        for s, kw in cfg["recipes"].items() if kw)
+    return [
+        "Settings (each merged through `pact_jax.recipes.make_merge`): " + recipes + ". Runs: " + plan + ". "
+        "Scalar PACT before TIES / DARE-TIES is our own extension (DESIGN.md §1b), not the authors' method. "
+        f"Mergers: {', '.join(f'{k} {v}' for k, v in cfg['method_kwargs'].items())}; weight averaging uses "
+        f"alpha = {cfg['fixed_alpha'].get('average', 1.0)} (the mean model).",
+        "",
+        f"Alpha, chosen on the validation split (`pact_jax.alpha`): the authors' protocol where they give a range "
+        f"(`linspace(lo, hi, {ap['points'] + 1})[1:]` walked upwards, stop after {ap['patience']} points without a "
+        f"better {ap['stop_on']}, best by {ap['select_by']}; the authors' PACT-TA and SIFT-TA ranges scale the "
+        "task mean and are divided by T here, where task arithmetic sums). † no authors' range for that "
+        "(method, transform): the authors' PACT range of the method is used. ‡ no authors' range at all (PACT "
+        "light, TIES, DARE-TIES): the whole grid on the range shown, chosen here, best by the same criterion. "
+        "Every setting whose best alpha was the grid's top value had its grid widened to twice that value (same "
+        "number of points, all walked); the column 'α at grid end' marks per seed w = widened, h = best at the "
+        "top of the (widened) grid, l = best at its first point, – = inside. The test split is evaluated at the "
+        "chosen alpha only.",
+    ]
 
 
 def results_lines(results: Mapping[str, Any], png_name: str | None) -> list[str]:
@@ -174,8 +206,10 @@ def results_lines(results: Mapping[str, Any], png_name: str | None) -> list[str]
         lines += [
             f"## T = {t} tasks",
             "",
-            f"Test accuracy (%), mean ± std over {n_seeds} seed(s); Δ is the paired difference (PACT − plain); "
-            "normalised = merged / fine-tuned, per task, averaged over tasks.",
+            f"Test accuracy (%), mean ± std over {n_seeds} seed(s); Δ is the paired difference to the same method "
+            "without a transform (setting − none), mean ± std over seeds; normalised = merged / fine-tuned, per "
+            "task, averaged over tasks; ‖τ‖² removed = share of the task vectors' squared norm the transform "
+            "removes, mean over tasks and seeds.",
             "",
             *_table(SUMMARY_HEADER, summary_rows(results, t)),
             "",
@@ -189,19 +223,21 @@ def results_lines(results: Mapping[str, Any], png_name: str | None) -> list[str]
             "",
         ]
     if png_name:
-        lines += [f"![normalised accuracy per method, with and without PACT]({png_name})", ""]
+        lines += [f"![normalised test accuracy per method and setting]({png_name})", ""]
     lines += ["## Quality bars", ""]
     lines += [f"- [{'x' if b['holds'] else ' '}] {b['bar']}: {b['value']} — **{'holds' if b['holds'] else 'FAILS'}**"
               for b in results["bars"]]
     lines.append("")
-    if "ablation" in results:
-        lines += ["## Ablation of PACT's hyperparameters", "", *ablation_lines(results["ablation"])]
     return lines
 
 
 def markdown(results: Mapping[str, Any], png_name: str | None,
              header: Callable[[Mapping[str, Any]], list[str]] = vit_header) -> str:
     return "\n".join(header(results) + results_lines(results, png_name)) + "\n"
+
+
+SETTING_COLOURS = {"none": "#8c8c8c", "paper": "#d62728", "release": "#9467bd", "light": "#ff7f0e",
+                   "sift": "#1f77b4", "scalar": "#2ca02c"}
 
 
 def plot(results: Mapping[str, Any], path: Path) -> Path:
@@ -212,26 +248,33 @@ def plot(results: Mapping[str, Any], path: Path) -> Path:
 
     ts = list(results["per_T"])
     lows = [100 * s["pretrained"]["normalized"] for t in ts for s in _seeds(results, t)]
-    lows += [100 * s["methods"][m][v]["normalized"] for t in ts for s in _seeds(results, t)
-             for m in s["methods"] for v in ("plain", "pact")]
+    lows += [100 * r["normalized"] for t in ts for s in _seeds(results, t) for by in s["methods"].values()
+             for r in by.values()]
     bottom = max(0.0, 10.0 * np.floor(min(lows) / 10.0) - 10.0)
-    fig, axes = plt.subplots(1, len(ts), figsize=(6.5 * len(ts), 4.2), squeeze=False)
+    fig, axes = plt.subplots(1, len(ts), figsize=(8 * len(ts), 4.5), squeeze=False)
     for ax, t in zip(axes[0], ts):
         seeds = _seeds(results, t)
         methods = list(seeds[0]["methods"])
-        x = np.arange(len(methods))
-        for off, variant, label, colour in ((-0.2, "plain", "without PACT", "#8c8c8c"), (0.2, "pact", "with PACT", "#d62728")):
-            vals = np.asarray([[100 * s["methods"][m][variant]["normalized"] for s in seeds] for m in methods])
-            err = vals.std(axis=1, ddof=1) if vals.shape[1] > 1 else None
-            ax.bar(x + off, vals.mean(axis=1), 0.4, yerr=err, capsize=3, label=label, color=colour)
+        settings = list(dict.fromkeys(st for m in methods for st in seeds[0]["methods"][m]))
+        width = 0.8 / len(settings)
+        for j, st in enumerate(settings):
+            xs, means, errs = [], [], []
+            for i, m in enumerate(methods):
+                if st in seeds[0]["methods"][m]:
+                    v = 100 * np.asarray(_stat(seeds, m, st, "normalized"))
+                    xs.append(i + (j - (len(settings) - 1) / 2) * width)
+                    means.append(v.mean())
+                    errs.append(v.std(ddof=1) if v.size > 1 else 0.0)
+            ax.bar(xs, means, width, yerr=errs if len(seeds) > 1 else None, capsize=2, label=_label(results, st),
+                   color=SETTING_COLOURS.get(st))
         pre = 100 * np.mean([s["pretrained"]["normalized"] for s in seeds])
         ax.axhline(100, color="k", lw=0.8, ls="--", label="fine-tuned (100%)")
         ax.axhline(pre, color="tab:blue", lw=0.8, ls=":", label="pre-trained + probe")
-        ax.set_xticks(x, methods, rotation=30, ha="right")
-        ax.set_ylabel("normalised accuracy (%)")
+        ax.set_xticks(np.arange(len(methods)), methods, rotation=30, ha="right")
+        ax.set_ylabel("normalised test accuracy (%)")
         ax.set_title(f"T = {t} tasks, {len(seeds)} seed(s)")
         ax.set_ylim(bottom, 105)
-        ax.legend(fontsize=8, loc="lower left")
+        ax.legend(fontsize=7, loc="lower left", ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -245,42 +288,92 @@ def write(results: Mapping[str, Any], md_path: Path,
     md_path.parent.mkdir(parents=True, exist_ok=True)
     js = md_path.with_suffix(".json")
     js.write_text(json.dumps(results, indent=1, default=str))
-    if not results["per_T"]:  # ablation only
-        md_path.write_text(ablation_markdown(results))
-        return [md_path, js]
     png = md_path.with_suffix(".png")
     plot(results, png)
     md_path.write_text(markdown(results, png.name, header))
     return [md_path, js, png]
 
 
-def ablation_markdown(results: Mapping[str, Any]) -> str:
-    tm = results["timings"]
-    return "\n".join([
-        "# Ablation of PACT's hyperparameters",
-        "",
-        f"Command: `{results['command']}`  ",
-        f"Machine: {results['machine']}  ",
-        f"Date: {results['date']}  ",
-        f"Run time: {tm.get('ablation_s', 0):.0f} s (zoo from the cache of `python -m benchmarks.quality`, "
-        f"config {results['config']['zoo_digest']}).",
-        "",
-        *ablation_lines(results["ablation"]),
-    ]) + "\n"
+CLEAR_POINTS = 0.5  # a paired mean change is "clear" beyond this many points AND beyond its spread over seeds
+
+
+def reading(results: Mapping[str, Any]) -> list[str]:
+    """A plain-words reading of the numbers (generated, so it stays true when the suite is re-run).
+
+    It states the paired differences and flags only those that clear a fixed bar (mean beyond
+    :data:`CLEAR_POINTS` and beyond its sample std over seeds, with at least 2 seeds); with one seed it
+    draws no verdict. It names the alpha choices that sat at an end of the grid, and transforms that
+    remove nearly all of the task vectors, without guessing why.
+    """
+    lines = ["## Reading", ""]
+    for t, by_seed in results["per_T"].items():
+        seeds = list(by_seed.values())
+        n = len(seeds)
+        ft = np.mean([s["finetuned"]["mean"] for s in seeds])
+        pre = np.mean([s["pretrained"]["mean"] for s in seeds])
+        plain = {m: 100 * np.mean(_stat(seeds, m, "none", "mean")) for m in seeds[0]["methods"]
+                 if "none" in seeds[0]["methods"][m]}
+        best = max(plain, key=plain.get) if plain else None
+        parts, helped, hurt = [], [], []
+        for m, st in _rows(seeds):
+            if st == "none" or "none" not in seeds[0]["methods"][m]:
+                continue
+            d = 100 * (np.asarray(_stat(seeds, m, st, "mean")) - np.asarray(_stat(seeds, m, "none", "mean")))
+            sd = float(d.std(ddof=1)) if n > 1 else 0.0
+            name = f"{m} + {_label(results, st)}"
+            parts.append(f"{name} {d.mean():+.1f}" + (f" ± {sd:.1f}" if n > 1 else ""))
+            if n > 1 and d.mean() > max(CLEAR_POINTS, sd):
+                helped.append(name)
+            elif n > 1 and d.mean() < -max(CLEAR_POINTS, sd):
+                hurt.append(name)
+        if n > 1:
+            verdict = ("Clear gains (mean change beyond 0.5 points and beyond its spread over seeds): "
+                       + (", ".join(helped) if helped else "none") + "; clear losses: "
+                       + (", ".join(hurt) if hurt else "none") + "; every other change is within that bar.")
+        else:
+            verdict = "One seed: no spread to judge the changes by, so no verdict is drawn."
+        lines.append(
+            f"- T = {t}: fine-tuned {ft * 100:.1f}, pre-trained + probe {pre * 100:.1f}"
+            + (f"; best merge without a transform {best} {plain[best]:.1f}" if best else "")
+            + f". Paired change of the test accuracy against the same method without a transform (points, mean"
+            + (f" ± std over {n} seeds" if n > 1 else ", one seed") + "): " + ", ".join(parts) + ". " + verdict
+        )
+    ends, empty = [], []
+    for t, by_seed in results["per_T"].items():
+        seeds = list(by_seed.values())
+        for m, st in _rows(seeds):
+            rs = [s["methods"][m][st] for s in seeds]
+            high = [i for i, r in enumerate(rs) if r.get("at_end") == "high"]
+            low = [i for i, r in enumerate(rs) if r.get("at_end") == "low"]
+            name = m if st == "none" else f"{m} + {_label(results, st)}"
+            if high:
+                ends.append(f"{name} at T = {t} (top of the grid, {'widened ' if rs[high[0]].get('widened_to') else ''}"
+                            f"for {len(high)} of {len(rs)} seeds)")
+            if low:
+                ends.append(f"{name} at T = {t} (first grid point for {len(low)} of {len(rs)} seeds)")
+            e = [r["energy_removed"] for r in rs if r.get("energy_removed") is not None]
+            if e and np.mean(e) >= 0.99:
+                empty.append(f"{name} at T = {t} ({100 * np.mean(e):.2f}%)")
+    if ends:
+        lines.append("- Chosen alpha at an end of its grid (the validation optimum may lie outside the range "
+                     "tried): " + "; ".join(ends) + ".")
+    if empty:
+        lines.append("- Transforms removing at least 99% of the task vectors' squared norm (what is merged is "
+                     "then mostly what they leave: the leaves they do not filter): " + "; ".join(empty) + ".")
+    held = [b for b in results.get("bars", []) if b["holds"]]
+    failed = [b for b in results.get("bars", []) if not b["holds"]]
+    lines.append(f"- Quality bars: {len(held)} of {len(held) + len(failed)} hold"
+                 + (" (failing: " + "; ".join(b["bar"].split(" (")[0].split(":")[0] for b in failed) + ")" if failed else "")
+                 + "; details below the tables.")
+    return lines + [""]
 
 
 def summary(results: Mapping[str, Any]) -> str:
     lines = []
-    if "ablation" in results:
-        for method, res in results["ablation"]["methods"].items():
-            best = max(res["rows"], key=lambda row: np.mean(row["val"]))
-            lines.append(f"ablation {method}: no PACT {100 * np.mean(res['plain_val']):.2f}, defaults "
-                         f"{100 * np.mean(res['rows'][0]['val']):.2f}, best {best['hyperparameter']}={best['value']} "
-                         f"{100 * np.mean(best['val']):.2f} (validation)")
     for t in results["per_T"]:
-        lines.append(f"T = {t}: test accuracy % (mean ± std over seeds)")
+        lines.append(f"T = {t}: test accuracy % (mean ± std over seeds), paired Δ vs none")
         for r in summary_rows(results, t):
-            lines.append(f"  {r[0]:<26} {r[1]:>12} {r[2]:>12} {r[3]:>12}   norm {r[4]:>12} {r[5]:>12}")
+            lines.append(f"  {r[0]:<16} {r[1]:<32} {r[2]:>12}   norm {r[3]:>12}   Δ {r[4]:>12}   α {r[6]}")
     for b in results["bars"]:
         lines.append(f"[{'x' if b['holds'] else ' '}] {b['bar']}: {b['value']}")
     return "\n".join(lines)

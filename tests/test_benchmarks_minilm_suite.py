@@ -2,7 +2,7 @@
 
 * CI (no checkpoint, torch or transformers needed): the text generators, the
   word tokenizer, the merge rules, and the whole pipeline end to end on a tiny
-  randomly initialised MiniLM (``--tiny``).
+  randomly initialised MiniLM (``--tiny``: every setting, the alpha protocol).
 * Slow: the real all-MiniLM-L6-v2 in the ``--quick`` setting
   (``pytest -m slow tests/test_benchmarks_minilm_suite.py``; needs the ``bench`` extra).
 """
@@ -20,7 +20,9 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `benchmarks` lives at the repository root
 
 from benchmarks import minilm_suite as suite
+from benchmarks import quality
 from benchmarks import text_tasks as tt
+from test_benchmarks_quality import check_record, transforms  # noqa: F401  (a fixture)
 
 SIZES = {"train": 60, "val": 24, "test": 36}
 
@@ -114,8 +116,8 @@ def test_merge_rules_on_the_bert_tree():
 # ----------------------------------------------------------------------------- the pipeline
 
 
-def test_tiny_pipeline_end_to_end(tmp_path, capsys):
-    """The whole suite on a tiny random MiniLM: fine-tune, cache, merge +- PACT, report; a rerun uses the cache."""
+def test_tiny_pipeline_end_to_end(tmp_path, capsys, transforms):
+    """The whole suite on a tiny random MiniLM: fine-tune, cache, merge under every setting, report; a rerun uses the cache."""
     cache, out = tmp_path / "cache", tmp_path / "out" / "results_minilm.md"
     argv = ["--tiny", "--cache-dir", str(cache), "--out", str(out)]
     assert suite.main(argv) == 0
@@ -130,9 +132,9 @@ def test_tiny_pipeline_end_to_end(tmp_path, capsys):
     md = out.read_text()
     assert md.startswith("# Quality, second suite")
     assert "python -m benchmarks.minilm_suite --tiny" in md
-    for method in cfg.methods:
-        assert f"| {method} + PACT |" in md
-    assert "## Quality bars" in md and "| sentiment | topic | avg |" in md
+    assert "| tsv | PACT (paper default) |" in md and "| ties | scalar PACT (our own extension) |" in md
+    assert "| task_arithmetic + SIFT |" in md
+    assert "## Quality bars" in md and "## Reading" in md and "| sentiment | topic | avg |" in md
     assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     res = json.loads(out.with_suffix(".json").read_text())
@@ -140,15 +142,15 @@ def test_tiny_pipeline_end_to_end(tmp_path, capsys):
     per_seed = res["per_T"]["2"]["0"]
     ft = np.asarray(per_seed["finetuned"]["per_task"])
     accs = [ft, per_seed["pretrained"]["per_task"]]
-    for method in cfg.methods:
-        for variant in ("plain", "pact"):
-            r = per_seed["methods"][method][variant]
+    assert set(per_seed["methods"]) == set(cfg.methods)
+    for method, by_setting in per_seed["methods"].items():
+        assert list(by_setting) == list(quality.settings_for(method, cfg.settings))
+        for setting, r in by_setting.items():
             accs.append(r["per_task"])
             assert len(r["per_task"]) == 2
-            assert r["alpha"] in cfg.alphas + suite.ALPHAS_EXTEND
-            assert 0.0 <= r["val_mean"] <= 1.0
-            assert r["normalized"] == pytest.approx(np.mean(np.asarray(r["per_task"]) / ft))
-        assert 0.0 <= per_seed["methods"][method]["pact"]["energy_removed"] <= 1.0
+            check_record(r, per_seed, ft)
+            assert r["grid"] == quality.alpha_plan(method, setting, 2, cfg.grid_points).describe()
+            assert (r["energy_removed"] is None) == (setting == "none")
     accs = np.asarray(accs)
     # accuracies on 32 test sentences: multiples of 1/32 in [0, 1]
     assert np.all((0.0 <= accs) & (accs <= 1.0))
@@ -160,10 +162,10 @@ def test_tiny_pipeline_end_to_end(tmp_path, capsys):
     assert "cached" in capsys.readouterr().out
     again = json.loads(out.with_suffix(".json").read_text())["per_T"]["2"]["0"]
     assert again["finetuned"] == per_seed["finetuned"] and again["pretrained"] == per_seed["pretrained"]
-    for method in cfg.methods:
-        for variant in ("plain", "pact"):
-            for field in ("per_task", "alpha", "val_mean"):
-                assert again["methods"][method][variant][field] == per_seed["methods"][method][variant][field]
+    for method, by_setting in per_seed["methods"].items():
+        for setting, r in by_setting.items():
+            for field in ("per_task", "alpha", "val_mean", "curve"):
+                assert again["methods"][method][setting][field] == r[field]
 
 
 def test_task_count_above_the_suite_is_refused():
@@ -188,7 +190,7 @@ def test_quick_on_the_real_model(tmp_path):
     # the real pre-trained features carry signal: the probe is above chance on average
     assert pre.mean() > chance.mean() + 0.1
     assert ft.mean() > chance.mean() + 0.1
-    for method in suite.QUICK.methods:
-        for variant in ("plain", "pact"):
-            acc = np.asarray(per_seed["methods"][method][variant]["per_task"])
-            assert np.all((0 <= acc) & (acc <= 1)) and acc.mean() > chance.mean()
+    for method, by_setting in per_seed["methods"].items():
+        for setting, r in by_setting.items():
+            acc = np.asarray(r["per_task"])
+            assert np.all((0 <= acc) & (acc <= 1)) and acc.mean() > chance.mean(), (method, setting)

@@ -1,12 +1,15 @@
 """End to end: the quality benchmark's pipeline in its tiny ``--quick`` setting.
 
-Builds a tiny zoo into a temporary cache, merges with and without PACT, runs
-a one-row ablation, writes the markdown, JSON and PNG; then a second run
-reuses the cached zoo. Asserts structure and sanity, not specific numbers.
+Builds a tiny zoo into a temporary cache, merges every method under its
+settings (none, PACT presets, SIFT, scalar PACT), chooses alpha by the
+authors' protocol, writes the markdown, JSON and PNG; then a second run
+reuses the cached zoo. Asserts structure and sanity, not specific numbers;
+the alpha protocol itself is tested on hand-built curves.
 """
 
 from __future__ import annotations
 
+import importlib
 import json
 import sys
 from pathlib import Path
@@ -34,9 +37,113 @@ def test_task_generators_are_deterministic_and_in_range():
         assert set(np.unique(b1)) <= {0, 1}, task.name
 
 
-def test_quick_pipeline_end_to_end(tmp_path, capsys):
+@pytest.fixture
+def transforms(monkeypatch):
+    """PACT's presets and SIFT as the suites call them; stand-ins only while the library lacks them."""
+    import jax
+
+    import pact_jax
+
+    pact_module = importlib.import_module("pact_jax.pact")
+    if not hasattr(pact_module, "PRESETS"):
+        monkeypatch.setattr(pact_module, "PRESETS", {"paper": {}, "adaptive": {}, "light": {"strength": 0.1},
+                                                     "release": {"strength": 1.0}}, raising=False)
+    if not hasattr(pact_jax, "sift"):
+        def sift(pretrained, stacked, *, rules=None):  # noqa: ARG001
+            return jax.tree_util.tree_map(lambda x: 0.5 * x, stacked)
+
+        monkeypatch.setattr(pact_jax, "sift", sift, raising=False)
+
+
+def check_record(r, per_seed, ft, allowed_alphas=None):
+    """One (method, setting) record of the JSON: the alpha search and the test numbers agree."""
+    curve = r["curve"]
+    assert len(curve["alpha"]) == len(curve["val_mean"]) == len(curve["val_normalized"]) >= 1
+    assert list(curve["alpha"]) == sorted(curve["alpha"])
+    best = int(np.argmax(curve["val_normalized"]))
+    assert r["alpha"] == curve["alpha"][best] and r["val_normalized"] == curve["val_normalized"][best]
+    assert 0.0 <= r["val_mean"] <= 1.0
+    g = r["grid"]
+    if r["widened_to"] is not None:
+        assert r["widened_to"] == pytest.approx(2 * g["hi"]) and curve["alpha"][-1] == pytest.approx(2 * g["hi"])
+    if g["patience"] is None:  # the whole grid (and its extension) was walked
+        assert len(curve["alpha"]) == g["points"] * (2 if r["widened_to"] else 1)
+    assert r["normalized"] == pytest.approx(np.mean(np.asarray(r["per_task"]) / ft))
+    assert r["at_end"] in (None, "low", "high")
+    if allowed_alphas is not None:
+        assert r["alpha"] in allowed_alphas
+
+
+def test_alpha_plans_follow_the_authors():
+    from pact_jax import alpha
+
+    for t in (4, 8):
+        assert quality.alpha_plan("tsv", "none", t).grid == alpha.alpha_grid("tsv")
+        assert quality.alpha_plan("tsv", "paper", t).grid == alpha.alpha_grid("tsv", "pact")
+        assert quality.alpha_plan("tsv", "release", t).grid == alpha.alpha_grid("tsv", "pact")
+        np.testing.assert_allclose(quality.alpha_plan("task_arithmetic", "paper", t).grid,
+                                   np.linspace(2.5, 7.5, 31)[1:] / t)
+        np.testing.assert_allclose(quality.alpha_plan("task_arithmetic", "sift", t).grid,
+                                   np.linspace(3, 8, 31)[1:] / t)
+        assert quality.alpha_plan("iso_c", "sift", t).grid == alpha.alpha_grid("iso_c", "sift")
+        for m in ("tsv", "iso_cts"):  # no authors' SIFT range: PACT's, said so
+            plan = quality.alpha_plan(m, "sift", t)
+            assert plan.grid == alpha.alpha_grid(m, "pact") and "no authors' sift range" in plan.source
+        for m, s in (("tsv", "none"), ("tsv", "paper"), ("iso_c", "sift")):
+            assert quality.alpha_plan(m, s, t).patience == 3
+        for m, s in (("tsv", "light"), ("task_arithmetic", "light"), ("ties", "none"), ("ties", "scalar"),
+                     ("dare_ties", "scalar")):
+            plan = quality.alpha_plan(m, s, t)
+            assert plan.patience is None and len(plan.grid) == 30 and plan.describe()["lo"] == 0.0
+        # the light range holds both the plain and the PACT range
+        assert quality.alpha_plan("task_arithmetic", "light", t).grid[-1] == max(1.0, 7.5 / t)
+        assert quality.alpha_plan("iso_cts", "light", t).grid[-1] == 6.0
+    assert quality.alpha_plan("average", "none", 8).grid == (1.0,)
+    assert quality.settings_for("tsv") == ("none", "paper", "release", "light", "sift")
+    assert quality.settings_for("ties") == ("none", "scalar") == quality.settings_for("dare_ties", ("scalar",))
+    assert quality.settings_for("average") == ("none",)
+    assert quality.settings_for("iso_c", ("sift",)) == ("none", "sift")
+
+
+class FakeEvaluator:
+    """choose_alpha's view of an evaluator: validation accuracies from a given curve of alpha."""
+
+    def __init__(self, fn, t=2):
+        self.fn, self.calls, self.finetuned_val = fn, [], np.full(t, 0.5)
+
+    def sweep_tasks(self, delta, alphas):
+        self.calls.append(tuple(alphas))
+        return np.asarray([[self.fn(a)] * len(self.finetuned_val) for a in alphas])
+
+    val_scores = quality.TaskEvaluator.val_scores
+
+
+def test_choose_alpha_early_stops_and_widens():
+    plan = quality.AlphaPlan(tuple(np.linspace(0, 5, 11)[1:]), 3, "test")
+    ev = FakeEvaluator(lambda a: 0.3 - 0.01 * (a - 1.5) ** 2)  # peak at 1.5
+    r = quality.choose_alpha(ev, None, plan, chunk=4)
+    assert r["alpha"] == 1.5 and r["stopped_early"] and r["widened_to"] is None and r["at_end"] is None
+    assert r["curve"]["alpha"] == list(plan.grid[:6])  # 1.5 then 3 points without a better mean
+    assert all(len(c) == 4 for c in ev.calls) and len(ev.calls) == 2  # chunks padded to one shape
+    assert r["val_normalized"] == pytest.approx(0.6)
+
+    ev = FakeEvaluator(lambda a: 0.3 - 0.01 * (a - 7.0) ** 2)  # peak beyond the grid's top, inside 2x
+    r = quality.choose_alpha(ev, None, plan, chunk=4)
+    assert r["widened_to"] == 10.0 and r["alpha"] == 7.0 and r["at_end"] is None
+    assert len(r["curve"]["alpha"]) == 20 and r["curve"]["alpha"][10] == 5.5
+
+    ev = FakeEvaluator(lambda a: a)  # still rising at twice the top
+    r = quality.choose_alpha(ev, None, plan, chunk=4)
+    assert r["widened_to"] == 10.0 and r["alpha"] == 10.0 and r["at_end"] == "high"
+
+    ev = FakeEvaluator(lambda a: -a)
+    r = quality.choose_alpha(ev, None, plan, chunk=4)
+    assert r["alpha"] == 0.5 and r["at_end"] == "low" and r["widened_to"] is None
+
+
+def test_quick_pipeline_end_to_end(tmp_path, capsys, transforms):
     cache, out = tmp_path / "cache", tmp_path / "out" / "results_quality.md"
-    argv = ["--quick", "--ablation", "--cache", str(cache), "--out", str(out)]
+    argv = ["--quick", "--cache", str(cache), "--out", str(out)]
     assert quality.main(argv) == 0
     printed = capsys.readouterr().out
     assert "T = 4" in printed
@@ -49,9 +156,10 @@ def test_quick_pipeline_end_to_end(tmp_path, capsys):
     md = out.read_text()
     assert md.startswith("# Quality")
     assert "python -m benchmarks.quality --quick" in md
-    for method in quality.QUICK.methods:
-        assert f"| {method} + PACT |" in md
-    assert "## Quality bars" in md and "## Ablation" in md
+    assert "| tsv | PACT (paper default) |" in md and "| tsv | SIFT |" in md and "| tsv | PACT light |" in md
+    assert "| ties | scalar PACT (our own extension) |" in md
+    assert "| task_arithmetic + SIFT |" in md  # per-task tables
+    assert "## Quality bars" in md and "## Reading" in md and "no verdict" in md
     png = out.with_suffix(".png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -61,25 +169,39 @@ def test_quick_pipeline_end_to_end(tmp_path, capsys):
     chance = np.asarray([1.0 / t.num_classes for t in tasks.TASKS[:4]])
     assert ft.shape == (4,) and np.all(ft > chance)
     accs = [per_seed["pretrained"]["per_task"]]
-    for method in quality.QUICK.methods:
-        for variant in ("plain", "pact"):
-            r = per_seed["methods"][method][variant]
+    assert set(per_seed["methods"]) == set(quality.QUICK.methods)
+    assert list(per_seed["methods"]["tsv"]) == ["none", "paper", "light", "sift"]
+    assert list(per_seed["methods"]["ties"]) == ["none", "scalar"]
+    assert list(per_seed["methods"]["average"]) == ["none"]
+    for method, by_setting in per_seed["methods"].items():
+        for setting, r in by_setting.items():
             accs.append(r["per_task"])
-            assert r["alpha"] in quality.QUICK.alphas + quality.ALPHAS_EXTEND
-            assert 0.0 <= r["val_mean"] <= 1.0
-            assert r["normalized"] == pytest.approx(np.mean(np.asarray(r["per_task"]) / ft))
-        assert 0.0 <= per_seed["methods"][method]["pact"]["energy_removed"] <= 1.0
+            check_record(r, per_seed, ft)
+            plan = quality.alpha_plan(method, setting, 4, quality.QUICK.grid_points)
+            assert r["grid"] == plan.describe()
+            if setting == "none":
+                assert r["energy_removed"] is None
+            else:
+                assert 0.0 <= r["energy_removed"] <= 1.0
+    assert per_seed["methods"]["average"]["none"]["alpha"] == 1.0
     accs = np.asarray(accs)
     assert np.all((0.0 <= accs) & (accs <= 1.0))
     assert {b["bar"].split(" (")[0] for b in res["bars"]}  # bars were checked
-    abl = res["ablation"]["methods"]["tsv"]["rows"]
-    assert abl[0]["hyperparameter"] == "(defaults)" and len(abl) == len(quality.ablation_settings(quality.QUICK, "tsv"))
+    assert res["config"]["alpha_protocol"]["grids"]["4"]["tsv"]["sift"]["source"].startswith("authors' PACT range")
 
     # a second run finds the zoo in the cache and reproduces the table exactly
-    assert quality.main(argv[:1] + argv[2:]) == 0
+    assert quality.main(argv) == 0
     assert "cached" in capsys.readouterr().out
     again = json.loads(out.with_suffix(".json").read_text())["per_T"]["4"]["0"]
-    for method in quality.QUICK.methods:
-        for variant in ("plain", "pact"):
-            for field in ("per_task", "alpha", "val_mean"):
-                assert again["methods"][method][variant][field] == per_seed["methods"][method][variant][field]
+    for method, by_setting in per_seed["methods"].items():
+        for setting, r in by_setting.items():
+            for field in ("per_task", "alpha", "val_mean", "curve"):
+                assert again["methods"][method][setting][field] == r[field]
+
+
+def test_cli_settings_and_points():
+    args = quality.build_parser().parse_args(["--settings", "sift", "--points", "10", "--methods", "tsv"])
+    cfg = quality.config_from_args(args)
+    assert cfg.settings == ("none", "sift") and cfg.grid_points == 10 and cfg.methods == ("tsv",)
+    with pytest.raises(SystemExit):
+        quality.main(["--points", "0"])
