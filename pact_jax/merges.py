@@ -14,8 +14,9 @@ mean, as in the reference implementations of those papers.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
@@ -31,7 +32,17 @@ from pact_jax.tree import (
     validate_stacked,
 )
 
-__all__ = ["average", "task_arithmetic", "ties", "dare", "tsv", "iso_c", "iso_cts"]
+__all__ = [
+    "average",
+    "task_arithmetic",
+    "ties",
+    "dare",
+    "tsv",
+    "tsv_ranks",
+    "iso_c",
+    "iso_cts",
+    "newton_schulz_polar",
+]
 
 
 def _merge_by_kind(
@@ -41,6 +52,7 @@ def _merge_by_kind(
     *,
     view: str,
     static: dict[str, Any] | None = None,
+    static_for: Callable[[str], dict[str, Any]] | None = None,
     non_matrix: Callable[[jax.Array], jax.Array] = lambda x: x.mean(0),
     key: jax.Array | None = None,
 ) -> PyTree:
@@ -52,7 +64,10 @@ def _merge_by_kind(
     non-averaged leaf goes to ``kernel(tau (T, N)) -> (N,)``.
     ``static`` holds the kernel's hyperparameters (static under jit); anything
     derived from the shape is computed inside the kernel, so each kernel
-    compiles once per distinct shape.
+    compiles once per distinct shape. ``static_for(path)`` adds per-leaf static
+    hyperparameters to a matrix leaf's job (e.g. which side of its matrix view
+    is the layer's output); buckets key on them, so leaves that differ only
+    there compile separately.
     """
     t = validate_stacked(stacked)
     items = leaves_with_paths(stacked)
@@ -68,7 +83,10 @@ def _merge_by_kind(
             out[i] = leaf.mean(0)
         elif view == "matrix" and kind == "matrix":
             x = leaf.reshape(t, *rules.matrix_shape(path, shape))
-            jobs.append(((x,) if key is None else (x, leaf_key(key, path)), static or {}))
+            job_static = dict(static or {})
+            if static_for is not None:
+                job_static.update(static_for(path))
+            jobs.append(((x,) if key is None else (x, leaf_key(key, path)), job_static))
             job_index.append(i)
         elif view == "flat":
             x = leaf.reshape(t, -1)
@@ -185,6 +203,21 @@ def tsv_rank(m: int, n: int, t: int) -> int:
     return max(1, min(m, n) // t)
 
 
+def tsv_ranks(m: int, n: int, t: int, spread_remainder: bool = False) -> tuple[int, ...]:
+    """Triplets kept by each of the ``T`` tasks.
+
+    ``spread_remainder=False``: :func:`tsv_rank` for every task.
+    ``spread_remainder=True`` (the PACT authors' PACT + TSV-M): with
+    ``r = min(m, n)``, the first ``r mod T`` tasks keep ``floor(r/T) + 1``
+    and the others ``floor(r/T)`` (at least 1 each), so all ``r`` directions
+    are used.
+    """
+    if not spread_remainder:
+        return (tsv_rank(m, n, t),) * t
+    base, extra = divmod(min(m, n), t)
+    return tuple(max(1, base + (i < extra)) for i in range(t))
+
+
 def _tsv_kernel(
     tau: jax.Array,
     key: jax.Array | None = None,
@@ -192,25 +225,33 @@ def _tsv_kernel(
     svd: linalg.SvdMethod = "exact",
     oversample: int = 10,
     power_iters: int = 2,
+    spread_remainder: bool = False,
 ) -> jax.Array:
     """TSV-M on one matrix ``tau (T, m, n) -> (m, n)``.
 
-    ``tau_t ~= U_t S_t V_t^T`` (top ``rank = tsv_rank(m, n, T)``, exact or
-    randomized SVD); ``U = [U_1 .. U_T]``,
-    ``V = [V_1 .. V_T]``, ``S = diag(S_1 .. S_T)``;
+    ``tau_t ~= U_t S_t V_t^T`` (top ``ranks[t]`` of :func:`tsv_ranks`, exact or
+    randomized SVD, computed at the largest rank and masked to each task's own);
+    ``U = [U_1 .. U_T]``, ``V = [V_1 .. V_T]``, ``S = diag(S_1 .. S_T)``;
     ``delta = polar(U) S polar(V)^T``. Triplets with ``s`` at rounding level
     (:func:`pact_jax.linalg.significant`, scale ``max_t s_t,1``) are dropped.
+    A dropped triplet has zero columns in ``U`` and ``V``, hence in their polar
+    factors, so it adds nothing.
     """
     t, m, n = tau.shape
-    rank = tsv_rank(m, n, t)
+    ranks = tsv_ranks(m, n, t, spread_remainder)
+    rank = max(ranks)
     u, s, vh = linalg.truncated_svd(
         tau, rank, method=svd, key=key, oversample=oversample, power_iters=power_iters
     )
-    keep = linalg.significant(s, s.max(), max(m, n)).astype(u.dtype)  # (T, rank)
+    keep = linalg.significant(s, s.max(), max(m, n))  # (T, rank)
+    if min(ranks) < rank:
+        own = jnp.arange(rank)[None, :] < jnp.asarray(ranks)[:, None]
+        keep = keep & own
+    keep = keep.astype(u.dtype)
     u, vh = u * keep[:, None, :], vh * keep[:, :, None]
     u_cat = jnp.moveaxis(u, 0, 1).reshape(m, t * rank)
     v_cat = jnp.moveaxis(jnp.swapaxes(vh, 1, 2), 0, 1).reshape(n, t * rank)
-    s_cat = s.reshape(t * rank)
+    s_cat = (s * keep).reshape(t * rank)
     return (linalg.polar(u_cat) * s_cat) @ linalg.polar(v_cat).T
 
 
@@ -221,6 +262,7 @@ def tsv(
     key: jax.Array | None = None,
     oversample: int = 10,
     power_iters: int = 2,
+    spread_remainder: bool = False,
     rules: LeafRules = DEFAULT_RULES,
 ) -> PyTree:
     """TSV-M, Task Singular Vectors merging (Gargiulo et al., CVPR 2025).
@@ -237,27 +279,87 @@ def tsv(
       key: PRNG key, required for ``svd='randomized'``; each leaf uses
         :func:`pact_jax.tree.leaf_key`.
       oversample, power_iters: randomized SVD knobs.
+      spread_remainder: ``False`` (default, the TSV paper's and the authors'
+        plain TSV-M): every task keeps ``max(1, floor(min(m, n)/T))`` triplets.
+        ``True`` (the PACT authors' PACT + TSV-M): the first
+        ``min(m, n) mod T`` tasks keep one more (:func:`tsv_ranks`).
     """
     if svd not in ("exact", "randomized"):
         raise ValueError(f"svd must be 'exact' or 'randomized', got {svd!r}.")
     if svd == "randomized" and key is None:
         raise ValueError("tsv(svd='randomized') needs a PRNG key: key=jax.random.key(0).")
+    _check_bool(spread_remainder, "spread_remainder")
     static = {"svd": svd, "oversample": oversample, "power_iters": power_iters}
+    if spread_remainder:  # only when set, so the default's compiled kernels are shared
+        static["spread_remainder"] = True
     return _merge_by_kind(
         stacked, rules, _tsv_kernel, view="matrix", static=static, key=key if svd == "randomized" else None
     )
 
 
-def _iso_c_kernel(tau: jax.Array) -> jax.Array:
+def _check_bool(value: Any, name: str) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be True or False, got {value!r}.")
+    return value
+
+
+PolarMethod = Literal["svd", "newton_schulz"]
+
+
+def newton_schulz_polar(x: jax.Array, steps: int) -> jax.Array:
+    """``steps`` Newton–Schulz iterations towards the orthogonal polar factor of ``x (m, n)``.
+
+    ``X_0 = x / ||x||_F`` (all singular values in ``(0, 1]``), then
+    ``X <- X (3 I - X^T X) / 2`` (written as ``(3 I - X X^T) X / 2`` when
+    ``m < n``, the same map on the smaller Gram matrix). Each singular value
+    follows ``s <- (3 s - s^3) / 2``, which converges to 1 for ``s`` in
+    ``(0, sqrt(3))`` and keeps 0 at 0; a small ``s`` grows only by 1.5x per
+    step, so few steps leave the small singular values of a large matrix well
+    below 1. ``x = 0`` gives 0. Matmuls at float32 precision (``HIGHEST``).
+    """
+    m, n = x.shape
+    norm = jnp.linalg.norm(x)
+    y = x / jnp.where(norm > 0, norm, 1.0)
+    dot = functools.partial(jnp.matmul, precision=jax.lax.Precision.HIGHEST)
+
+    def step(_, y):
+        if m >= n:
+            return 0.5 * dot(y, 3.0 * jnp.eye(n, dtype=y.dtype) - dot(y.T, y))
+        return 0.5 * dot(3.0 * jnp.eye(m, dtype=y.dtype) - dot(y, y.T), y)
+
+    return jax.lax.fori_loop(0, steps, step, y)
+
+
+def _iso_c_kernel(
+    tau: jax.Array,
+    *,
+    polar: PolarMethod = "svd",
+    ns_steps: int = 5,
+    layerwise_scaling: bool = False,
+) -> jax.Array:
     """Iso-C on one matrix: ``sum_t tau_t = U S V^T -> mean(S) U V^T``.
 
-    Over the significant triplets only (:func:`pact_jax.linalg.significant`):
-    for a rank-deficient sum the null-space singular vectors are arbitrary.
+    ``polar='svd'``: over the significant triplets only
+    (:func:`pact_jax.linalg.significant`): for a rank-deficient sum the
+    null-space singular vectors are arbitrary. ``polar='newton_schulz'``:
+    ``X = newton_schulz_polar(sum, ns_steps)``, ``delta = (<X, sum>_F / min(m, n)) X``
+    (``<UV^T, U S V^T> = sum(S)``: the mean singular value without an SVD, over
+    all ``min(m, n)``). ``layerwise_scaling``: ``delta *= ||sum||_F / ||delta||_F``
+    (0 when ``delta = 0``).
     """
     _, m, n = tau.shape
-    u, s, vh = linalg.exact_svd(tau.sum(0))
-    keep = linalg.significant(s, s[0], max(m, n)).astype(u.dtype)
-    return _masked_mean(s, keep) * ((u * keep) @ vh)
+    total = tau.sum(0)
+    if polar == "svd":
+        u, s, vh = linalg.exact_svd(total)
+        keep = linalg.significant(s, s[0], max(m, n)).astype(u.dtype)
+        delta = _masked_mean(s, keep) * ((u * keep) @ vh)
+    else:
+        x = newton_schulz_polar(total, ns_steps)
+        delta = (jnp.vdot(x, total) / min(m, n)) * x
+    if layerwise_scaling:
+        norm = jnp.linalg.norm(delta)
+        delta = delta * jnp.where(norm > 0, jnp.linalg.norm(total) / jnp.where(norm > 0, norm, 1.0), 0.0)
+    return delta
 
 
 def _masked_mean(s: jax.Array, keep: jax.Array) -> jax.Array:
@@ -265,13 +367,46 @@ def _masked_mean(s: jax.Array, keep: jax.Array) -> jax.Array:
     return (s * keep).sum() / jnp.maximum(keep.sum(), 1.0)
 
 
-def iso_c(stacked: PyTree, *, rules: LeafRules = DEFAULT_RULES) -> PyTree:
+def iso_c(
+    stacked: PyTree,
+    *,
+    layerwise_scaling: bool = False,
+    polar: PolarMethod = "svd",
+    ns_steps: int = 5,
+    rules: LeafRules = DEFAULT_RULES,
+) -> PyTree:
     """Iso-C, isotropic merging in the common subspace (Marczak et al., ICML 2025).
 
     Per matrix leaf: SVD of the task sum, every singular value replaced by
     their mean: ``delta = mean(S) U V^T``. Non-matrix leaves: task mean.
+
+    Args:
+      layerwise_scaling: ``False`` (default, the Iso paper): as above.
+        ``True`` (the PACT authors' Iso-C config, ``enable_layerwise_scaling``):
+        each matrix's delta is rescaled to the Frobenius norm of the plain
+        sum, ``delta *= ||sum_t tau_t||_F / ||delta||_F`` (0-safe). With
+        ``polar='svd'`` this makes every singular value the root mean square
+        of ``S`` instead of its mean.
+      polar: ``'svd'`` (default): ``U V^T`` and ``mean(S)`` from the SVD of the
+        sum. ``'newton_schulz'`` (the PACT authors' ``isoc_ns``):
+        ``X = newton_schulz_polar(sum, ns_steps)`` (start ``sum/||sum||_F``,
+        ``X <- X (3I - X^T X)/2``) and ``delta = (<X, sum>_F / min(m, n)) X``;
+        no SVD. Few steps do not converge for the small singular values of a
+        large matrix (:func:`newton_schulz_polar`), so this is a different
+        merge, not an approximation of ``'svd'``, unless ``ns_steps`` is large.
+      ns_steps: Newton–Schulz iterations (``polar='newton_schulz'``), >= 1.
     """
-    return _merge_by_kind(stacked, rules, _iso_c_kernel, view="matrix")
+    _check_bool(layerwise_scaling, "layerwise_scaling")
+    if polar not in ("svd", "newton_schulz"):
+        raise ValueError(f"polar must be 'svd' or 'newton_schulz', got {polar!r}.")
+    if isinstance(ns_steps, bool) or not isinstance(ns_steps, int) or ns_steps < 1:
+        raise ValueError(f"ns_steps must be an integer >= 1, got {ns_steps!r}.")
+    static: dict[str, Any] = {}
+    if polar != "svd":
+        static.update(polar=polar, ns_steps=ns_steps)
+    if layerwise_scaling:
+        static["layerwise_scaling"] = True
+    return _merge_by_kind(stacked, rules, _iso_c_kernel, view="matrix", static=static)
 
 
 def iso_cts_split(m: int, n: int, t: int, common_fraction: float) -> tuple[int, int]:
@@ -286,16 +421,24 @@ def iso_cts_split(m: int, n: int, t: int, common_fraction: float) -> tuple[int, 
     return r - specific, specific // t
 
 
-def _iso_cts_kernel(tau: jax.Array, *, common_fraction: float) -> jax.Array:
+def _iso_cts_kernel(
+    tau: jax.Array, *, common_fraction: float, common_side: Literal["left", "right"] = "left"
+) -> jax.Array:
     """Iso-CTS on one matrix ``tau (T, m, n) -> (m, n)``.
 
     ``sum_t tau_t = U S V^T``; common part ``U[:, :k], S[:k], V[:, :k]``; each
-    task's residual ``tau_t - U_k U_k^T tau_t`` gives its top ``s`` triplets;
+    task's residual ``tau_t - U_k U_k^T tau_t`` (``common_side='left'``) or
+    ``tau_t - tau_t V_k V_k^T`` (``'right'``) gives its top ``s`` triplets;
     all factors are concatenated, orthogonalised by the polar factor, and every
     singular value replaced by the mean of the concatenated ones. Triplets at
     rounding level (:func:`pact_jax.linalg.significant`, scale: the sum's
     largest singular value) are dropped, as in :func:`iso_c`.
+
+    Everything but the residual is symmetric under transposition, so
+    ``'right'`` is ``'left'`` on ``tau^T``, transposed back.
     """
+    if common_side == "right":
+        return _iso_cts_kernel(jnp.swapaxes(tau, 1, 2), common_fraction=common_fraction).T
     t, m, n = tau.shape
     common, per_task = iso_cts_split(m, n, t, common_fraction)
     u, s, vh = linalg.exact_svd(tau.sum(0))
@@ -316,7 +459,11 @@ def _iso_cts_kernel(tau: jax.Array, *, common_fraction: float) -> jax.Array:
 
 
 def iso_cts(
-    stacked: PyTree, common_fraction: float = 0.8, *, rules: LeafRules = DEFAULT_RULES
+    stacked: PyTree,
+    common_fraction: float = 0.8,
+    *,
+    common_side: Literal["output", "input"] = "output",
+    rules: LeafRules = DEFAULT_RULES,
 ) -> PyTree:
     """Iso-CTS, isotropic merging in common and task-specific subspaces (Marczak et al. 2025).
 
@@ -328,10 +475,29 @@ def iso_cts(
     Args:
       common_fraction: share of the spectrum given to the common subspace, in
         ``[0, 1]``; 1 reduces to :func:`iso_c`.
+      common_side: the side on which the common subspace is removed from each
+        task vector. ``'output'`` (default; the Iso paper's and the PACT
+        authors' code: left singular vectors of a torch ``(d_out, d_in)``
+        weight): ``tau_t - P tau_t`` with ``P`` the projector on the top-``k``
+        output-side singular vectors of the sum. ``'input'``: on the input
+        side. Which side of the matrix view that is follows
+        ``rules.layout`` (:meth:`pact_jax.LeafRules.output_side`): on Flax
+        ``(d_in, d_out)`` kernels ``'output'`` is the right side (columns).
+        The default changed: earlier versions always used the left side of
+        the matrix view, i.e. ``'input'`` on Flax kernels; pass
+        ``common_side='input'`` to reproduce them.
     """
     common_fraction = check_fraction(common_fraction, "common_fraction", allow_zero=True)
+    if common_side not in ("output", "input"):
+        raise ValueError(f"common_side must be 'output' or 'input', got {common_side!r}.")
+    side_of = rules.output_side if common_side == "output" else rules.input_side
     return _merge_by_kind(
-        stacked, rules, _iso_cts_kernel, view="matrix", static={"common_fraction": common_fraction}
+        stacked,
+        rules,
+        _iso_cts_kernel,
+        view="matrix",
+        static={"common_fraction": common_fraction},
+        static_for=lambda path: {"common_side": side_of(path)},
     )
 
 

@@ -82,12 +82,22 @@ def ref_ties(tau: np.ndarray, density: float) -> np.ndarray:
     return ref_ties_flat(tau.reshape(n_tasks, -1), density).reshape(tau.shape[1:])
 
 
-def ref_tsv_matrix(tau: np.ndarray) -> np.ndarray:
+def ref_tsv_ranks(m: int, n: int, n_tasks: int, spread_remainder: bool = False) -> list[int]:
+    """floor(r/T) per task (at least 1), r = min(m, n); with spread_remainder the
+    first r mod T tasks get one more (the PACT authors' PACT + TSV-M)."""
+    r = min(m, n)
+    if not spread_remainder:
+        return [max(1, r // n_tasks)] * n_tasks
+    return [max(1, r // n_tasks + (1 if t < r % n_tasks else 0)) for t in range(n_tasks)]
+
+
+def ref_tsv_matrix(tau: np.ndarray, spread_remainder: bool = False) -> np.ndarray:
     n_tasks, m, n = tau.shape
-    k = max(1, min(m, n) // n_tasks)
+    ranks = ref_tsv_ranks(m, n, n_tasks, spread_remainder)
     scale = max(np.linalg.norm(tau[t], 2) for t in range(n_tasks))
     us, ss, vs = [], [], []
     for t in range(n_tasks):
+        k = ranks[t]
         u, s, vt = np.linalg.svd(tau[t], full_matrices=False)
         keep = np_keep(s[:k], scale, max(m, n))  # null-space directions are dropped
         us.append(u[:, :k] * keep)
@@ -98,10 +108,38 @@ def ref_tsv_matrix(tau: np.ndarray) -> np.ndarray:
     return u_orth @ np.diag(np.concatenate(ss)) @ v_orth.T
 
 
-def ref_iso_c_matrix(tau: np.ndarray) -> np.ndarray:
-    u, s, vt = np.linalg.svd(tau.sum(0), full_matrices=False)
+def ref_layerwise_scaling(delta: np.ndarray, total: np.ndarray) -> np.ndarray:
+    """delta * ||total||_F / ||delta||_F (0 for delta = 0)."""
+    norm = np.linalg.norm(delta)
+    return delta * (np.linalg.norm(total) / norm) if norm > 0 else np.zeros_like(delta)
+
+
+def ref_iso_c_matrix(tau: np.ndarray, layerwise_scaling: bool = False) -> np.ndarray:
+    total = tau.sum(0)
+    u, s, vt = np.linalg.svd(total, full_matrices=False)
     keep = np_keep(s, s[0], max(tau.shape[1:]))
-    return np.mean(s[keep]) * (u[:, keep] @ vt[keep])
+    delta = np.mean(s[keep]) * (u[:, keep] @ vt[keep])
+    return ref_layerwise_scaling(delta, total) if layerwise_scaling else delta
+
+
+def ref_newton_schulz(w: np.ndarray, steps: int) -> np.ndarray:
+    """X_0 = W / ||W||_F; X <- X (3I - X^T X) / 2 (always this form: the library
+    uses (3I - X X^T) X / 2 when m < n, the same map)."""
+    norm = np.linalg.norm(w)
+    if norm == 0:
+        return np.zeros_like(w)
+    x = w / norm
+    for _ in range(steps):
+        x = 0.5 * x @ (3.0 * np.eye(w.shape[1]) - x.T @ x)
+    return x
+
+
+def ref_iso_c_ns_matrix(tau: np.ndarray, steps: int, layerwise_scaling: bool = False) -> np.ndarray:
+    """The PACT authors' isoc_ns: X = NS(sum), delta = (sum_ij X_ij W_ij / min(m, n)) X."""
+    total = tau.sum(0)
+    x = ref_newton_schulz(total, steps)
+    delta = (np.sum(x * total) / min(total.shape)) * x
+    return ref_layerwise_scaling(delta, total) if layerwise_scaling else delta
 
 
 def ref_iso_cts_split(m: int, n: int, n_tasks: int, common_fraction: float) -> tuple[int, int]:
@@ -113,17 +151,24 @@ def ref_iso_cts_split(m: int, n: int, n_tasks: int, common_fraction: float) -> t
     return r - n_tasks * per_task, per_task
 
 
-def ref_iso_cts_matrix(tau: np.ndarray, common_fraction: float) -> np.ndarray:
+def ref_iso_cts_matrix(tau: np.ndarray, common_fraction: float, side: str = "left") -> np.ndarray:
+    """``side``: where the common subspace is removed from each task vector:
+    ``'left'`` tau_t - U_k U_k^T tau_t, ``'right'`` tau_t - tau_t V_k V_k^T.
+    On the default (Flax) rules the output side of every matrix view is ``'right'``."""
     n_tasks, m, n = tau.shape
     k, s_per = ref_iso_cts_split(m, n, n_tasks, common_fraction)
     u, s, vt = np.linalg.svd(tau.sum(0), full_matrices=False)
     size = max(m, n)
     keep = np_keep(s[:k], s[0], size)  # a rank-deficient sum has arbitrary null directions
     uk = u[:, :k][:, keep]
-    us, ss, vs = [uk], [s[:k][keep]], [vt[:k].T[:, keep]]
+    vk = vt[:k].T[:, keep]
+    us, ss, vs = [uk], [s[:k][keep]], [vk]
     if s_per > 0:
         for t in range(n_tasks):
-            residual = tau[t] - uk @ (uk.T @ tau[t])
+            if side == "left":
+                residual = tau[t] - uk @ (uk.T @ tau[t])
+            else:
+                residual = tau[t] - (tau[t] @ vk) @ vk.T
             ur, sr, vrt = np.linalg.svd(residual, full_matrices=False)
             keep = np_keep(sr[:s_per], s[0], size)
             us.append(ur[:, :s_per][:, keep])
@@ -161,9 +206,15 @@ REFERENCES = {
     "ties_0.3": lambda st: ref_tree(st, flat_fn=lambda x: ref_ties(x, 0.3)),
     "ties_1.0": lambda st: ref_tree(st, flat_fn=lambda x: ref_ties(x, 1.0)),
     "tsv": lambda st: ref_tree(st, matrix_fn=ref_tsv_matrix),
+    "tsv_spread": lambda st: ref_tree(st, matrix_fn=lambda x: ref_tsv_matrix(x, spread_remainder=True)),
     "iso_c": lambda st: ref_tree(st, matrix_fn=ref_iso_c_matrix),
-    "iso_cts_0.0": lambda st: ref_tree(st, matrix_fn=lambda x: ref_iso_cts_matrix(x, 0.0)),
-    "iso_cts_0.8": lambda st: ref_tree(st, matrix_fn=lambda x: ref_iso_cts_matrix(x, 0.8)),
+    "iso_c_lws": lambda st: ref_tree(st, matrix_fn=lambda x: ref_iso_c_matrix(x, layerwise_scaling=True)),
+    "iso_c_ns5": lambda st: ref_tree(st, matrix_fn=lambda x: ref_iso_c_ns_matrix(x, 5)),
+    "iso_c_ns3_lws": lambda st: ref_tree(st, matrix_fn=lambda x: ref_iso_c_ns_matrix(x, 3, layerwise_scaling=True)),
+    # Default rules are Flax: the output side of every matrix view is its right side.
+    "iso_cts_0.0": lambda st: ref_tree(st, matrix_fn=lambda x: ref_iso_cts_matrix(x, 0.0, "right")),
+    "iso_cts_0.8": lambda st: ref_tree(st, matrix_fn=lambda x: ref_iso_cts_matrix(x, 0.8, "right")),
+    "iso_cts_0.8_input": lambda st: ref_tree(st, matrix_fn=lambda x: ref_iso_cts_matrix(x, 0.8, "left")),
 }
 
 LIBRARY = {
@@ -172,9 +223,16 @@ LIBRARY = {
     "ties_0.3": lambda st, **kw: merges.ties(st, density=0.3, **kw),
     "ties_1.0": lambda st, **kw: merges.ties(st, 1.0, **kw),
     "tsv": lambda st, **kw: merges.tsv(st, **kw),
+    "tsv_spread": lambda st, **kw: merges.tsv(st, spread_remainder=True, **kw),
     "iso_c": lambda st, **kw: merges.iso_c(st, **kw),
+    "iso_c_lws": lambda st, **kw: merges.iso_c(st, layerwise_scaling=True, **kw),
+    "iso_c_ns5": lambda st, **kw: merges.iso_c(st, polar="newton_schulz", **kw),
+    "iso_c_ns3_lws": lambda st, **kw: merges.iso_c(
+        st, polar="newton_schulz", ns_steps=3, layerwise_scaling=True, **kw
+    ),
     "iso_cts_0.0": lambda st, **kw: merges.iso_cts(st, 0.0, **kw),
     "iso_cts_0.8": lambda st, **kw: merges.iso_cts(st, common_fraction=0.8, **kw),
+    "iso_cts_0.8_input": lambda st, **kw: merges.iso_cts(st, 0.8, common_side="input", **kw),
 }
 
 # One configuration per merger, for the property tests that loop over mergers.
@@ -318,7 +376,8 @@ def _check_against_reference(name, stacked):
 @pytest.mark.parametrize(
     "name,n_tasks",
     [(name, 3) for name in sorted(LIBRARY)]
-    + [("ties_0.3", 2), ("tsv", 2), ("iso_c", 2), ("iso_cts_0.0", 2), ("iso_cts_0.8", 2)],
+    + [("ties_0.3", 2), ("tsv", 2), ("iso_c", 2), ("iso_cts_0.0", 2), ("iso_cts_0.8", 2)]
+    + [("tsv_spread", 4), ("iso_c_ns5", 2), ("iso_cts_0.8_input", 2)],
 )
 def test_merger_matches_reference_on_random_matrices(name, n_tasks):
     shapes = RANDOM_SHAPES if n_tasks == 3 else {k: RANDOM_SHAPES[k] for k in ("tall", "wide", "bias")}
@@ -556,7 +615,9 @@ def test_dare_leaves_frozen_and_averaged_leaves_untouched():
 # 3. Bucketing: a tree with several same-shape leaves == one leaf at a time
 
 
-@pytest.mark.parametrize("name", MERGERS + ["ties_1.0", "iso_cts_0.0", "dare"])
+@pytest.mark.parametrize(
+    "name", MERGERS + ["ties_1.0", "iso_cts_0.0", "dare", "tsv_spread", "iso_c_ns3_lws", "iso_cts_0.8_input"]
+)
 def test_bucketed_equals_per_leaf_loop(name):
     shapes = {
         "a": (24, 10),
@@ -712,3 +773,155 @@ def test_tsv_randomized_is_keyed_and_needs_a_key():
         merges.tsv(stacked, svd="randomized")
     with pytest.raises(ValueError, match="svd must be"):
         merges.tsv(stacked, svd="fast")
+
+
+# ==========================================================================
+# 6. The PACT authors' backbone options (DESIGN.md §1c): layer-wise scaling and
+#    Newton–Schulz for Iso-C, the output side for Iso-CTS, the spread remainder
+#    for TSV-M.
+
+
+def _orthogonal_pair(rng, m, n):
+    q1 = np.linalg.qr(rng.standard_normal((m, m)))[0]
+    q2 = np.linalg.qr(rng.standard_normal((n, n)))[0]
+    r = min(m, n)
+    return q1[:, :r], q2[:, :r]
+
+
+@pytest.mark.parametrize("polar", ["svd", "newton_schulz"])
+def test_iso_c_layerwise_scaling_matches_the_task_sum_norm(polar):
+    stacked = random_stacked(70, 3, RANDOM_SHAPES)
+    plain = merges.iso_c(stacked, polar=polar)
+    scaled = merges.iso_c(stacked, polar=polar, layerwise_scaling=True)
+    for name, shape in RANDOM_SHAPES.items():
+        got, base = np.asarray(scaled[name], np.float64), np.asarray(plain[name], np.float64)
+        if len(shape) == 1:  # non-matrix leaves: the task mean either way
+            np.testing.assert_array_equal(got, base)
+            continue
+        target = np.linalg.norm(np.asarray(stacked[name], np.float64).sum(0))
+        np.testing.assert_allclose(np.linalg.norm(got), target, rtol=1e-5, err_msg=name)
+        # Same direction as the plain merge, a different (larger) norm: the option does something.
+        np.testing.assert_allclose(got / np.linalg.norm(got), base / np.linalg.norm(base), atol=1e-5)
+        if name in ("tall", "wide", "big"):  # spread spectra: mean(S) well below rms(S)
+            assert np.linalg.norm(base) < 0.99 * target, name
+
+
+def test_iso_c_layerwise_scaling_with_svd_makes_singular_values_the_rms():
+    # ||sum||_F / ||mean(S) U V^T||_F rescales every singular value to sqrt(mean(S^2)).
+    stacked = random_stacked(71, 3, {"w": (24, 10)})
+    s_sum = np.linalg.svd(np.asarray(stacked["w"], np.float64).sum(0), compute_uv=False)
+    s = np.linalg.svd(np.asarray(merges.iso_c(stacked, layerwise_scaling=True)["w"], np.float64), compute_uv=False)
+    np.testing.assert_allclose(s, np.sqrt(np.mean(s_sum**2)), rtol=1e-5)
+
+
+@pytest.mark.parametrize("polar", ["svd", "newton_schulz"])
+@pytest.mark.parametrize("layerwise_scaling", [False, True])
+def test_iso_c_options_of_zero_task_vectors_are_zero(polar, layerwise_scaling):
+    stacked = {"w": jnp.zeros((3, 8, 6)), "b": jnp.zeros((3, 6))}
+    out = merges.iso_c(stacked, polar=polar, layerwise_scaling=layerwise_scaling)
+    chex.assert_trees_all_equal(out, {"w": jnp.zeros((8, 6)), "b": jnp.zeros(6)})
+
+
+@pytest.mark.parametrize("shape", [(16, 12), (12, 16), (24, 24)])
+def test_newton_schulz_polar_converges_to_the_svd_polar_when_well_conditioned(shape):
+    # Singular values in [1, 2] (condition 2): after ||.||_F normalisation they lie in
+    # [0.14, 0.41]; 12 steps reach float32 rounding (measured max |X - U V^T| <= 2.2e-7,
+    # Iso-C relative max difference <= 7e-7); 5 steps (the authors' default) are still
+    # 2.5e-2 .. 6e-2 away, which the last assertion pins.
+    rng = np.random.default_rng(72)
+    m, n = shape
+    q1, q2 = _orthogonal_pair(rng, m, n)
+    w = (q1 * np.linspace(1.0, 2.0, min(m, n))) @ q2.T
+    polar = q1 @ q2.T
+    x = np.asarray(merges.newton_schulz_polar(jnp.asarray(w, jnp.float32), 12), np.float64)
+    np.testing.assert_allclose(x, polar, atol=1e-6)
+    stacked = {"w": jnp.asarray(np.stack([0.25 * w, 0.75 * w]), jnp.float32)}
+    ns = np.asarray(merges.iso_c(stacked, polar="newton_schulz", ns_steps=12)["w"], np.float64)
+    svd = np.asarray(merges.iso_c(stacked)["w"], np.float64)
+    np.testing.assert_allclose(ns, svd, atol=1e-5 * np.abs(svd).max())
+    x5 = np.asarray(merges.newton_schulz_polar(jnp.asarray(w, jnp.float32), 5), np.float64)
+    assert np.abs(x5 - polar).max() > 1e-2
+
+
+@pytest.mark.parametrize("shape", [(16, 12), (12, 16)])
+@pytest.mark.parametrize("steps", [1, 5])
+def test_newton_schulz_polar_matches_reference_iteration(shape, steps):
+    rng = np.random.default_rng(73)
+    w = rng.standard_normal(shape).astype(np.float32)
+    got = np.asarray(merges.newton_schulz_polar(jnp.asarray(w), steps), np.float64)
+    np.testing.assert_allclose(got, ref_newton_schulz(w.astype(np.float64), steps), atol=1e-5)
+
+
+def test_iso_cts_default_side_is_output_and_differs_from_input():
+    stacked = random_stacked(74, 3, {"w": (24, 10), "v": (10, 24)})
+    out = merges.iso_cts(stacked, 0.5)
+    inp = merges.iso_cts(stacked, 0.5, common_side="input")
+    flax_out = merges.iso_cts(stacked, 0.5, rules=LeafRules(layout="flax"), common_side="output")
+    chex.assert_trees_all_equal(out, flax_out)
+    for name in stacked:
+        tau = np.asarray(stacked[name], np.float64)
+        np.testing.assert_allclose(np.asarray(out[name]), ref_iso_cts_matrix(tau, 0.5, "right"), atol=1e-4)
+        np.testing.assert_allclose(np.asarray(inp[name]), ref_iso_cts_matrix(tau, 0.5, "left"), atol=1e-4)
+        assert np.abs(np.asarray(out[name]) - np.asarray(inp[name])).max() > 1e-2, name
+
+
+@pytest.mark.parametrize("common_side", ["output", "input"])
+def test_iso_cts_torch_layout_gives_the_transposed_delta(common_side):
+    # The same layers stored as torch (d_out, d_in) weights: transposed matrices.
+    flax_tree = random_stacked(75, 3, {"q": (24, 10), "k": (10, 24), "o": (16, 16), "bias": (10,)})
+    torch_tree = {k: (jnp.swapaxes(v, 1, 2) if v.ndim == 3 else v) for k, v in flax_tree.items()}
+    got_flax = merges.iso_cts(flax_tree, 0.5, common_side=common_side)
+    got_torch = merges.iso_cts(torch_tree, 0.5, common_side=common_side, rules=LeafRules(layout="torch"))
+    for name in flax_tree:
+        want = np.asarray(got_flax[name])
+        want = want.T if want.ndim == 2 else want
+        np.testing.assert_allclose(np.asarray(got_torch[name]), want, atol=1e-5, err_msg=name)
+    # A torch weight's output side is its LEFT side (the authors' u[:, :k]).
+    side = "left" if common_side == "output" else "right"
+    for name in ("q", "k", "o"):
+        tau = np.asarray(torch_tree[name], np.float64)
+        np.testing.assert_allclose(np.asarray(got_torch[name]), ref_iso_cts_matrix(tau, 0.5, side), atol=1e-4)
+
+
+def test_tsv_spread_remainder_ranks_and_spectrum():
+    assert merges.tsv_ranks(10, 24, 4) == (2, 2, 2, 2)
+    assert merges.tsv_ranks(10, 24, 4, spread_remainder=True) == (3, 3, 2, 2)
+    assert merges.tsv_ranks(12, 12, 3, spread_remainder=True) == (4, 4, 4)
+    assert merges.tsv_ranks(2, 6, 3, spread_remainder=True) == (1, 1, 1)  # T > r: one each, as by default
+    for m, n, t in [(10, 24, 4), (768, 3072, 8), (768, 768, 7), (5, 3, 2)]:
+        assert list(merges.tsv_ranks(m, n, t, True)) == ref_tsv_ranks(m, n, t, True)
+        assert sum(merges.tsv_ranks(m, n, t, True)) == max(min(m, n), t)
+    # The merged spectrum is the concatenation of each task's own top triplets.
+    stacked = random_stacked(76, 4, {"w": (10, 24)})
+    tau = np.asarray(stacked["w"], np.float64)
+    delta = np.asarray(merges.tsv(stacked, spread_remainder=True)["w"], np.float64)
+    top = np.concatenate([np.linalg.svd(tau[t], compute_uv=False)[:k] for t, k in enumerate((3, 3, 2, 2))])
+    np.testing.assert_allclose(np.linalg.svd(delta, compute_uv=False), np.sort(top)[::-1], rtol=1e-4)
+    assert np.abs(delta - np.asarray(merges.tsv(stacked)["w"])).max() > 1e-2
+
+
+def test_tsv_spread_remainder_randomized_equals_exact_on_low_rank_task_vectors():
+    rng = np.random.default_rng(77)
+    tau = np.stack([rng.standard_normal((10, 3)) @ rng.standard_normal((3, 24)) for _ in range(4)])
+    stacked = {"w": jnp.asarray(tau, jnp.float32)}
+    exact = merges.tsv(stacked, spread_remainder=True)
+    approx = merges.tsv(stacked, spread_remainder=True, svd="randomized", key=jax.random.key(0))
+    chex.assert_trees_all_close(approx, exact, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "call,match",
+    [
+        (lambda st: merges.iso_c(st, polar="qr"), "polar must be"),
+        (lambda st: merges.iso_c(st, polar="newton_schulz", ns_steps=0), "ns_steps must be"),
+        (lambda st: merges.iso_c(st, polar="newton_schulz", ns_steps=2.5), "ns_steps must be"),
+        (lambda st: merges.iso_c(st, ns_steps=True), "ns_steps must be"),
+        (lambda st: merges.iso_c(st, layerwise_scaling="yes"), "layerwise_scaling must be"),
+        (lambda st: merges.iso_cts(st, common_side="left"), "common_side must be"),
+        (lambda st: merges.tsv(st, spread_remainder=1), "spread_remainder must be"),
+    ],
+)
+def test_bad_backbone_options_raise(call, match):
+    stacked = random_stacked(78, 2, {"w": (4, 3)})
+    with pytest.raises(ValueError, match=match):
+        call(stacked)
