@@ -12,11 +12,13 @@ from pact_jax import runtime
 # slower (see pact_jax/runtime.py).
 runtime.configure_cpu_runtime()
 
-from pact_jax import alpha, linalg, merges
+from pact_jax import alpha, linalg, merges, scope
 from pact_jax.alpha import AlphaSearch, alpha_grid, search_alpha
 from pact_jax.chain import chain
 from pact_jax.linalg import randomized_svd
-from pact_jax.pact import lbw_statistics, pact
+from pact_jax.pact import PRESETS as PACT_PRESETS
+from pact_jax.pact import lbw_statistics, pact, pact_preset
+from pact_jax.sift import sift
 from pact_jax.tree import (
     DEFAULT_RULES,
     LeafRules,
@@ -38,8 +40,12 @@ __all__ = [
     "lbw_statistics",
     "linalg",
     "merges",
+    "PACT_PRESETS",
     "pact",
+    "pact_preset",
+    "sift",
     "randomized_svd",
+    "scope",
     "search_alpha",
     "task_vectors",
 ]

@@ -1,183 +1,116 @@
 """PACT: Preserving Anchored Cores in Task-vectors (arXiv:2606.18627).
 
-A transform ``(pretrained, stacked) -> stacked`` run before any merger. It
-finds "Load-Bearing Wall" (LBW) parts of the pre-trained weights, i.e.
-pre-trained structure that a task relies on but leaves anchored, and removes
-from the task vectors the components that would disturb them. All equations
-are in DESIGN.md §1a/§1b and ``docs/method.md``; every choice is a keyword of
-:func:`pact`.
+A transform ``(pretrained, stacked) -> stacked`` run before any merger. With
+no keywords, :func:`pact` computes the authors' algorithm (DESIGN.md §1a,
+``full-finetune/src/utils/pact_utils.py`` of their release) with the fix to
+its orthonormalisation, per matrix ``W0`` and task vectors ``tau_t``, on the
+INPUT space of each matrix (the rows of a Flax ``(in, out)`` kernel):
 
-Subspace perspective (for SVD-based mergers), per matrix leaf ``W0 (m, n)``,
-``tau (T, m, n)``:
+1. ``V0K``: top ``K = max(1, floor(0.8 min(m, n)))`` input-side singular
+   vectors of ``W0`` (the pre-trained core);
+2. ``V_t``: top ``k = min(10, min(m, n))`` input-side singular vectors of ``tau_t``;
+3. ``R_t`` = span of ``(I - V_t V_t^T) V0K`` (what task t relies on but does not change);
+4. ``tau_j <- tau_j - tau_j P_j P_j^T``, ``P_j`` an orthonormal basis of
+   ``span{R_i : i != j}``, found by a rank-revealing SVD with a relative
+   tolerance (the release's plain QR keeps ``min(d, columns)`` directions
+   whatever the rank, and so zeroes every task vector once ``(T - 1) K >= d``:
+   ``orthonormalize="qr"`` reproduces it).
 
-1. ``W0 = U0 S0 V0^T``; ``U0k`` = top ``k`` left singular vectors
-   (``pretrained_rank``; optionally fewer, by ``pretrained_energy``).
-2. ``Ut`` = top ``r`` left singular vectors of ``tau_t`` (``task_rank``).
-3. ``M_t = (I - Ut Ut^T) U0k = A_t G_t B_t^T``; the LBW basis ``L_t`` is the
-   columns of ``A_t`` whose cosine ``G_t >= align_threshold``.
-4. ``tau_s <- tau_s - strength * P_s tau_s`` where ``P_s`` projects onto
-   ``span{L_t : t != s}`` (``exclude_self=True``) or ``span{L_t}`` (all t).
-   ``side='right'`` does the same with ``V0`` and ``tau^T``; ``'both'``
-   applies ``tau <- (I - strength P_L) tau (I - strength P_R)``, both
-   projectors found from the input task vectors.
-5. ``svd='randomized'``: steps 1-2 by randomized range finding.
+The math is in :mod:`pact_jax.subspace` (computed exactly in a subspace of
+dimension at most ``2 T k``, not by the ``d x (T-1) K`` SVDs above); which
+matrices are filtered in :mod:`pact_jax.scope`. :data:`PRESETS` names the
+authors' adaptive variant, the release's behaviour, and pact_jax's earlier
+"light" setting.
 
-Scalar-weight perspective (for element-wise mergers), per leaf:
-entry ``e`` is LBW for task ``t`` when ``|W0_e| > 0`` is in the leaf's top
-``weight_fraction`` and ``|tau_t,e|`` in the bottom ``anchor_fraction`` of
+Scalar-weight perspective (our own extension, for element-wise mergers), per
+leaf: entry ``e`` is LBW for task ``t`` when ``|W0_e| > 0`` is in the leaf's
+top ``weight_fraction`` and ``|tau_t,e|`` in the bottom ``anchor_fraction`` of
 ``|tau_t|``; ``tau_s,e <- (1 - strength) tau_s,e`` wherever ``e`` is LBW for
-some task ``t != s`` (any ``t`` if not ``exclude_self``).
+some task ``t != s`` (any ``t`` if not ``exclude_self``). The authors use a
+Fisher-information version of it as an analysis only (DESIGN §1b).
 """
 
 from __future__ import annotations
 
+import functools
 import inspect
+import math
+import warnings
+from collections.abc import Collection, Mapping
 from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pact_jax import buckets, linalg
+from pact_jax import buckets, linalg, scope, subspace
 from pact_jax.tree import (
     DEFAULT_RULES,
     LeafRules,
     PactInputError,
     PyTree,
-    check_finite,
-    check_floating,
     check_fraction,
-    check_same_structure,
     leaf_key,
-    leaves_with_paths,
-    validate_stacked,
 )
 
 Perspective = Literal["subspace", "scalar"]
-Side = Literal["left", "right", "both"]
+Side = Literal["input", "output", "left", "right", "both"]
 
-__all__ = ["DEFAULT_STRENGTH", "lbw_statistics", "pact", "resolve_rank"]
+__all__ = ["DEFAULT_STRENGTH", "PRESETS", "lbw_statistics", "pact", "pact_preset", "resolve_rank"]
 
-# ``strength=None`` per perspective, from the quality benchmark's ablation
-# (benchmarks/results_ablation.md, T = 8, validation): with the subspace
-# perspective every stronger removal lowered TA / TSV-M / Iso-CTS on our zoo,
-# and 0.1 was the only setting at or above "no PACT" for all three on all 3
-# seeds (+0.0 to +0.3 points: within noise). The scalar perspective (TIES)
-# was best at full strength.
-DEFAULT_STRENGTH: dict[str, float] = {"subspace": 0.1, "scalar": 1.0}
+# ``strength=None`` per perspective: the authors remove the whole protected component.
+DEFAULT_STRENGTH: dict[str, float] = {"subspace": 1.0, "scalar": 1.0}
+
+PRESETS: Mapping[str, Mapping[str, Any]] = {
+    # The authors' configs (rank_selection: fixed, K_ratio 0.8, k_per_task 10), with the fix: the defaults.
+    "paper": {},
+    # The authors' rank_selection: adaptive (tau_pre 0.85, tau_task 0.95 of the squared singular values).
+    "adaptive": {"pretrained_rank": 1.0, "pretrained_energy": 0.85, "task_rank": 1.0, "task_energy": 0.95},
+    # pact_jax's default before the authors' code was known, chosen by the ViT-zoo ablation
+    # (benchmarks/results_ablation.md): a cosine threshold and a tenth of the component. It removes
+    # about 0.5 % of ||tau||^2.
+    "light": {"pretrained_rank": 0.1, "task_rank": 0.05, "align_threshold": 0.9, "strength": 0.1,
+              "oversample": 10},
+    # What the authors' full-fine-tune release computes: plain QR bases, and W0 = 0 (its "pre-trained
+    # core" is the first K coordinate axes). Zeroes every filtered matrix once (T - 1) K >= d_in.
+    "release": {"orthonormalize": "qr", "core": "axes"},
+}
 
 
-def resolve_rank(value: int | float, m: int, n: int, name: str, path: str) -> int:
-    """An integer rank from ``value``: an int in ``[1, min(m, n)]``, or a fraction
-    in ``(0, 1]`` of ``min(m, n)`` (rounded, at least 1)."""
+def pact_preset(name: str) -> dict[str, Any]:
+    """A copy of the keywords of preset ``name`` (:data:`PRESETS`)."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown PACT preset {name!r}; choose one of {sorted(PRESETS)}.")
+    return dict(PRESETS[name])
+
+
+def resolve_rank(value: int | float, m: int, n: int, name: str, path: str, *, cap: bool = False) -> int:
+    """An integer rank from ``value``: an int in ``[1, min(m, n)]`` (``cap``: larger ints
+    become ``min(m, n)``, the authors' ``k = min(k_per_task, min(m, n))``), or a fraction
+    in ``(0, 1]`` of ``min(m, n)``: ``max(1, floor(value * min(m, n)))``, the authors' ``K``."""
     r = min(m, n)
     if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
         raise PactInputError(f"{name} must be an int or a float fraction, got {value!r}.")
     if isinstance(value, (int, np.integer)):
-        if not 1 <= value <= r:
+        if value < 1 or (value > r and not cap):
             problem = f"is larger than the {m}x{n} matrix allows" if value > r else "must be at least 1"
             raise PactInputError(
                 f"leaf '{path}': {name}={value} {problem} (valid: 1..{r}); "
-                "a float such as 0.1 is a fraction of min(m, n) and scales with the layer."
+                "a float such as 0.8 is a fraction of min(m, n) and scales with the layer."
             )
-        return int(value)
+        return int(min(value, r))
     if not 0 < value <= 1:
         raise PactInputError(f"{name}={value} as a fraction must lie in (0, 1].")
-    return max(1, int(round(value * r)))
+    return max(1, int(math.floor(value * r + 1e-9)))
 
 
-# --------------------------------------------------------------------------
-# Subspace perspective
-
-
-def _lbw_bases(
-    w0: jax.Array,
-    tau: jax.Array,
-    key: jax.Array | None,
-    *,
-    pretrained_rank: int | float,
-    pretrained_energy: float | None,
-    task_rank: int | float,
-    align_threshold: float,
-    exclude_self: bool,
-    svd: str,
-    oversample: int,
-    power_iters: int,
-    span_tol: float,
-) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Steps 1-4 for the left side of ``w0 (m, n)``, ``tau (T, m, n)``.
-
-    Returns ``basis (S, m, c)`` with ``S = T`` (one basis per receiving task,
-    ``exclude_self``) or ``S = 1``, columns orthonormal or zero, and stats.
-    """
-    t, m, n = tau.shape
-    pretrained_rank = resolve_rank(pretrained_rank, m, n, "pretrained_rank", "")
-    task_rank = resolve_rank(task_rank, m, n, "task_rank", "")
-    k0, k1 = (None, None) if key is None else jax.random.split(key)
-    opts = dict(method=svd, oversample=oversample, power_iters=power_iters)
-    pre = linalg.truncated_svd(w0, pretrained_rank, key=k0, **opts)
-    keep0 = linalg.energy_rank_mask(pre.s, pretrained_energy, total=jnp.sum(jnp.square(w0)))
-    u0k = pre.u * keep0[None, :]  # (m, k); dropped directions are zero columns
-    ut = linalg.truncated_svd(tau, task_rank, key=k1, **opts).u  # (T, m, r)
-    # Step 3: principal directions between the task core's complement and U0k.
-    m_t = u0k[None] - ut @ (jnp.swapaxes(ut, 1, 2) @ u0k[None])  # (T, m, k)
-    a, cosines, _ = jnp.linalg.svd(m_t, full_matrices=False)  # (T, m, k'), (T, k')
-    is_lbw = cosines >= align_threshold
-    lbw = a * is_lbw[:, None, :]  # (T, m, k')
-    kk = lbw.shape[-1]
-    if exclude_self:
-        others = 1.0 - jnp.eye(t, dtype=lbw.dtype)  # (receiver s, giver t)
-        cat = others[:, :, None, None] * lbw[None]  # (T, T, m, k')
-        cat = jnp.moveaxis(cat, 1, 2).reshape(t, m, t * kk)
-    else:
-        cat = jnp.moveaxis(lbw, 0, 1).reshape(1, m, t * kk)
-    basis, span_dim = linalg.span_basis(cat, span_tol)
-    stats = {
-        "pretrained_dims": keep0.sum(),
-        "lbw_dims": is_lbw.sum(-1),
-        "cosines": cosines,
-        "span_dims": jnp.broadcast_to(span_dim, (t,)),
-    }
-    return basis, stats
-
-
-def _project_out(tau: jax.Array, basis: jax.Array, strength: float) -> jax.Array:
-    """``tau_s - strength * B_s B_s^T tau_s`` for ``tau (T, m, n)``, ``basis (S, m, c)``, S in {1, T}."""
-    return tau - strength * (basis @ (jnp.swapaxes(basis, 1, 2) @ tau))
-
-
-def _subspace_kernel(
-    w0: jax.Array,
-    tau: jax.Array,
-    key: jax.Array | None,
-    *,
-    side: str,
-    strength: float,
-    **lbw_kw: Any,
-) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """PACT subspace perspective on one matrix: ``(m, n), (T, m, n) -> (T, m, n), stats``."""
-    compute = jnp.promote_types(tau.dtype, jnp.float32)
-    w0, tau = w0.astype(compute), tau.astype(compute)
-    kl, kr = (None, None) if key is None else jax.random.split(key)
-    out, stats = tau, {}
-    if side in ("left", "both"):
-        basis_l, stats["left"] = _lbw_bases(w0, tau, kl, **lbw_kw)
-    if side in ("right", "both"):
-        basis_r, stats["right"] = _lbw_bases(w0.T, jnp.swapaxes(tau, 1, 2), kr, **lbw_kw)
-    if side in ("left", "both"):
-        out = _project_out(out, basis_l, strength)
-    if side in ("right", "both"):
-        out = jnp.swapaxes(_project_out(jnp.swapaxes(out, 1, 2), basis_r, strength), 1, 2)
-    stats["energy_removed"] = _energy_removed(tau, out)
-    return out, stats
-
-
-def _energy_removed(tau: jax.Array, out: jax.Array) -> jax.Array:
-    """Per task ``||tau_t - out_t||^2 / ||tau_t||^2`` (0 for a zero task vector)."""
-    axes = tuple(range(1, tau.ndim))
-    num = jnp.sum(jnp.square(tau - out), axis=axes)
-    den = jnp.sum(jnp.square(tau), axis=axes)
-    return jnp.where(den > 0, num / jnp.where(den > 0, den, 1.0), 0.0)
+def _filter_all_warning(kind: str, leaves: list[str]) -> None:
+    warnings.warn(
+        f"PACT: on {len(leaves)} matrices (e.g. '{leaves[0]}') {kind}, so the filter removes "
+        "(almost) every task vector there; lower pretrained_rank or task_rank if that is not intended.",
+        UserWarning,
+        stacklevel=5,
+    )
 
 
 # --------------------------------------------------------------------------
@@ -216,7 +149,7 @@ def _scalar_kernel(
     stats = {
         "lbw_entries": lbw.sum(-1),
         "masked_entries": masked.sum(-1),
-        "energy_removed": _energy_removed(tau, out),
+        "energy_removed": subspace.energy_removed(tau, out),
     }
     return out, stats
 
@@ -225,81 +158,105 @@ def _scalar_kernel(
 # Public API
 
 
+def _sides(side: str, rules: LeafRules, path: str) -> tuple[str, ...]:
+    if side == "input":
+        return (rules.input_side(path),)
+    if side == "output":
+        return (rules.output_side(path),)
+    return ("left", "right") if side == "both" else (side,)
+
+
+def _subspace_jobs(settings: dict[str, Any], matrices: list, t: int) -> list:
+    jobs, all_removed = [], []
+    for _, path, w0, tau in matrices:
+        m, n = w0.shape
+        big_k = resolve_rank(settings["pretrained_rank"], m, n, "pretrained_rank", path)
+        k = resolve_rank(settings["task_rank"], m, n, "task_rank", path, cap=True)
+        sides = _sides(settings["side"], settings["rules"], path)
+        d_in = {"left": m, "right": n}[sides[0]]
+        others = t - 1 if settings["exclude_self"] else t
+        if others > 0 and settings["strength"] > 0 and (
+            big_k + others * k >= d_in or (settings["orthonormalize"] == "qr" and others * big_k >= d_in)
+        ):
+            all_removed.append(path)
+        static = dict(
+            sides=sides,
+            pretrained_rank=big_k,
+            task_rank=k,
+            **{name: settings[name] for name in (
+                "pretrained_energy", "task_energy", "core", "svd", "oversample", "power_iters",
+                "exclude_self", "strength", "orthonormalize", "align_threshold")},
+            tol=settings["span_tol"],
+        )
+        key = None if settings["key"] is None else leaf_key(settings["key"], path)
+        jobs.append(((w0, tau, key), static))
+    if all_removed and settings["pretrained_energy"] is None and settings["align_threshold"] is None:
+        _filter_all_warning("K + (T-1) k reaches the input dimension (or (T-1) K with the release's QR)",
+                            all_removed)
+    return jobs
+
+
 def _pact_jobs(pretrained: PyTree, stacked: PyTree, settings: dict[str, Any]):
-    """Validates the inputs, then yields the per-leaf kernel jobs and run them."""
-    check_floating(pretrained, "pretrained")
-    check_finite(pretrained, "pretrained")
-    check_same_structure(pretrained, stacked, "pretrained", "stacked task vectors")
-    t = validate_stacked(stacked)
+    """Validates the inputs, builds the per-leaf kernel jobs and runs them."""
     rules: LeafRules = settings["rules"]
-    perspective = settings["perspective"]
-    key = settings["key"]
-    items = leaves_with_paths(stacked)
-    w0_leaves = [leaf for _, leaf in leaves_with_paths(pretrained)]
-    jobs, index = [], []
-    for i, ((path, tau), w0) in enumerate(zip(items, w0_leaves)):
-        if tau.shape[1:] != jnp.shape(w0):
-            raise PactInputError(
-                f"leaf '{path}': task vectors have shape {tau.shape} but pretrained has {jnp.shape(w0)}; "
-                "expected (T, *pretrained.shape)."
-            )
-        kind = rules.kind(path, jnp.shape(w0))
-        if kind in ("freeze", "average"):
-            continue
-        w0 = jnp.asarray(w0)
-        if perspective == "subspace":
-            if kind != "matrix":
-                continue
-            m, n = rules.matrix_shape(path, w0.shape)
-            for name in ("pretrained_rank", "task_rank"):  # fail early, naming the leaf
-                resolve_rank(settings[name], m, n, name, path)
-            key_i = None if key is None else leaf_key(key, path)
-            static = dict(
-                side=settings["side"],
-                strength=settings["strength"],
-                pretrained_rank=settings["pretrained_rank"],
-                pretrained_energy=settings["pretrained_energy"],
-                task_rank=settings["task_rank"],
-                align_threshold=settings["align_threshold"],
-                exclude_self=settings["exclude_self"],
-                svd=settings["svd"],
-                oversample=settings["oversample"],
-                power_iters=settings["power_iters"],
-                span_tol=settings["span_tol"],
-            )
-            jobs.append(((w0.reshape(m, n), tau.reshape(t, m, n), key_i), static))
-        else:
-            static = dict(
-                weight_fraction=settings["weight_fraction"],
-                anchor_fraction=settings["anchor_fraction"],
-                strength=settings["strength"],
-                exclude_self=settings["exclude_self"],
-            )
-            jobs.append(((w0.reshape(-1), tau.reshape(t, -1)), static))
-        index.append(i)
-    kernel = _subspace_kernel if perspective == "subspace" else _scalar_kernel
-    return items, index, buckets.run_bucketed(kernel, jobs)
+    if settings["perspective"] == "subspace":
+        select = functools.partial(
+            scope.resolve_paths, rules=rules, paths=settings["paths"], only_2d=settings["only_2d"],
+            include=settings["include"], exclude=settings["exclude"], layer_ratio=settings["layer_ratio"],
+        )
+    else:
+        def select(shapes):  # every leaf that is neither frozen nor averaged, element-wise
+            return frozenset(p for p, s in shapes.items() if rules.kind(p, s) not in ("freeze", "average"))
+    items, matrices = scope.matrix_leaves(pretrained, stacked, rules, select,
+                                          flat=settings["perspective"] == "scalar")
+    t = items[0][1].shape[0]
+    if settings["perspective"] == "subspace":
+        jobs = _subspace_jobs(settings, matrices, t)
+        kernel = subspace.pact_kernel
+    else:
+        static = {k: settings[k] for k in ("weight_fraction", "anchor_fraction", "strength", "exclude_self")}
+        jobs = [((w0, tau), static) for _, _, w0, tau in matrices]
+        kernel = _scalar_kernel
+    return items, [i for i, *_ in matrices], buckets.run_bucketed(kernel, jobs)
+
+
+_CHOICES = {
+    "perspective": ("subspace", "scalar"),
+    "side": ("input", "output", "left", "right", "both"),
+    "svd": ("exact", "randomized"),
+    "orthonormalize": ("svd", "qr"),
+    "core": ("pretrained", "axes"),
+}
 
 
 def _settings(**kw: Any) -> dict[str, Any]:
-    if kw["perspective"] not in ("subspace", "scalar"):
-        raise ValueError(f"perspective must be 'subspace' or 'scalar', got {kw['perspective']!r}.")
-    if kw["side"] not in ("left", "right", "both"):
-        raise ValueError(f"side must be 'left', 'right' or 'both', got {kw['side']!r}.")
-    if kw["svd"] not in ("exact", "randomized"):
-        raise ValueError(f"svd must be 'exact' or 'randomized', got {kw['svd']!r}.")
+    for name, choices in _CHOICES.items():
+        if kw[name] not in choices:
+            raise ValueError(f"{name} must be one of {choices}, got {kw[name]!r}.")
     if kw["svd"] == "randomized" and kw["perspective"] == "subspace" and kw["key"] is None:
         raise ValueError("svd='randomized' needs a PRNG key: pact(..., key=jax.random.key(0)).")
-    check_fraction(kw["align_threshold"], "align_threshold")
+    if kw["align_threshold"] is not None:
+        kw["align_threshold"] = check_fraction(kw["align_threshold"], "align_threshold")
+        if kw["orthonormalize"] == "qr":
+            raise ValueError("align_threshold needs orthonormalize='svd' (QR has no singular values to threshold).")
     if kw["strength"] is None:
         kw["strength"] = DEFAULT_STRENGTH[kw["perspective"]]
-    check_fraction(kw["strength"], "strength", allow_zero=True)
+    kw["strength"] = check_fraction(kw["strength"], "strength", allow_zero=True)
     check_fraction(kw["weight_fraction"], "weight_fraction")
     check_fraction(kw["anchor_fraction"], "anchor_fraction")
-    if kw["pretrained_energy"] is not None:
-        check_fraction(kw["pretrained_energy"], "pretrained_energy")
-    kw["strength"] = float(kw["strength"])
-    kw["align_threshold"] = float(kw["align_threshold"])
+    for name in ("pretrained_energy", "task_energy"):
+        if kw[name] is not None:
+            kw[name] = check_fraction(kw[name], name)
+    if kw["pretrained_energy"] is not None and kw["svd"] == "randomized":
+        raise ValueError("pretrained_energy needs the whole spectrum of W0: use svd='exact'.")
+    if isinstance(kw["span_tol"], bool) or not isinstance(kw["span_tol"], (int, float)) or not 0 <= kw["span_tol"] < 1:
+        raise ValueError(f"span_tol must lie in [0, 1), got {kw['span_tol']!r}.")
+    if kw["oversample"] < 0 or kw["power_iters"] < 0:
+        raise ValueError(f"oversample and power_iters must be >= 0, got {kw['oversample']}, {kw['power_iters']}.")
+    scope.check_scope(kw["include"], kw["exclude"], kw["layer_ratio"])
+    for name in ("include", "exclude"):  # hashable for the kernel cache, and no list aliasing
+        if kw[name] is not None and not isinstance(kw[name], str):
+            kw[name] = tuple(kw[name])
     return kw
 
 
@@ -308,56 +265,90 @@ def pact(
     stacked: PyTree,
     *,
     perspective: Perspective = "subspace",
-    pretrained_rank: int | float = 0.1,
+    pretrained_rank: int | float = 0.8,
     pretrained_energy: float | None = None,
-    task_rank: int | float = 0.05,
-    align_threshold: float = 0.9,
-    side: Side = "left",
-    weight_fraction: float = 0.1,
-    anchor_fraction: float = 0.5,
+    task_rank: int | float = 10,
+    task_energy: float | None = None,
+    align_threshold: float | None = None,
+    side: Side = "input",
     strength: float | None = None,
     exclude_self: bool = True,
+    orthonormalize: Literal["svd", "qr"] = "svd",
+    core: Literal["pretrained", "axes"] = "pretrained",
+    span_tol: float = 1e-4,
+    weight_fraction: float = 0.1,
+    anchor_fraction: float = 0.5,
     svd: linalg.SvdMethod = "exact",
     key: jax.Array | None = None,
-    oversample: int = 10,
+    oversample: int = 0,
     power_iters: int = 2,
-    span_tol: float = 1e-4,
+    only_2d: bool = False,
+    include: scope.Patterns = None,
+    exclude: scope.Patterns = scope.DEFAULT_EXCLUDE,
+    layer_ratio: float = 1.0,
+    paths: Collection[str] | None = None,
     rules: LeafRules = DEFAULT_RULES,
 ) -> PyTree:
     """PACT pre-processing of stacked task vectors (see the module docstring).
 
+    With no keywords: the authors' algorithm with rank-revealing bases (DESIGN
+    §1a steps 1-4). ``functools.partial(pact, **pact_preset("light"))`` etc.
+    for the other :data:`PRESETS`.
+
     Args:
       pretrained: ``W0`` pytree.
       stacked: task vectors, leaves ``(T, *W0_leaf.shape)``.
-      perspective: ``'subspace'`` (§1a; matrix leaves, others untouched) or
-        ``'scalar'`` (§1b; every leaf, element-wise).
-      pretrained_rank: ``k``, top pre-trained directions considered: an int,
-        or a fraction of ``min(m, n)``.
-      pretrained_energy: if set, keep only the fewest of those ``k``
-        directions holding this fraction of ``||W0||_F^2``.
-      task_rank: ``r``, size of each task core: int or fraction of ``min(m, n)``.
-      align_threshold: minimum cosine (in ``(0, 1]``) between a pre-trained
-        direction and the complement of a task core for it to be LBW.
-      side: ``'left'`` (``U0``), ``'right'`` (``V0``, ``tau^T``) or ``'both'``.
-      weight_fraction: scalar perspective, top fraction of ``|W0|`` per leaf.
-      anchor_fraction: scalar perspective, bottom fraction of ``|tau_t|``
-        counted as anchored.
-      strength: how much of the LBW component is removed, in ``[0, 1]``;
-        0 is the identity. ``None``: :data:`DEFAULT_STRENGTH` of the
-        perspective (0.1 subspace, 1.0 scalar; set from the ablation).
-      exclude_self: protect task ``t``'s LBW only in the *other* tasks' vectors.
-      svd: ``'exact'`` or ``'randomized'`` for steps 1-2.
-      key: PRNG key, required for ``svd='randomized'``; each leaf uses
-        :func:`pact_jax.tree.leaf_key` (``key`` folded with its path).
-      oversample, power_iters: randomized SVD knobs (see
-        :func:`pact_jax.linalg.randomized_svd`).
-      span_tol: singular values of the stacked LBW bases at or below this are
-        treated as zero when building the projector (bases are unit-norm).
+      perspective: ``'subspace'`` (§1a; the chosen matrices, others untouched) or
+        ``'scalar'`` (our element-wise extension, every leaf).
+      pretrained_rank: ``K``: an int (at most ``min(m, n)``), or a fraction
+        ``f`` of it: ``max(1, floor(f min(m, n)))`` (default 0.8, the authors' ``K_ratio``).
+      pretrained_energy: adaptive ``K`` (the authors' ``tau_pre``, 0.85): the
+        fewest of those directions whose squared singular values reach this
+        share of ``||W0||_F^2``.
+      task_rank: ``k`` per task: an int, capped at ``min(m, n)`` (default 10,
+        the authors' ``k_per_task``), or a fraction.
+      task_energy: adaptive ``k`` (``tau_task``, 0.95), likewise on ``tau_t``.
+      align_threshold: ``None``: every direction of each reliance space (the
+        authors). A cosine in ``(0, 1]``: only reliance directions whose
+        singular value in ``(I - V_t V_t^T) V0K`` reaches it (pact_jax's earlier
+        variant; runs the direct algorithm, cheap only for small ``K``).
+      side: the space protected: ``'input'`` (default; the rows of a Flax
+        kernel, the columns of a torch weight, from ``rules.layout``),
+        ``'output'``, or the matrix view's ``'left'`` / ``'right'`` / ``'both'``.
+      strength: share of the protected component removed, in ``[0, 1]``;
+        ``None``: 1 (0 is the identity).
+      exclude_self: receiver ``j`` protects the other tasks' reliance spaces
+        (the authors); ``False``: every task's, its own included.
+      orthonormalize: ``'svd'`` (rank-revealing, relative tolerance
+        ``span_tol``) or ``'qr'``: the release's plain QR (reproduces its
+        zeroing when ``(T - 1) K >= d``).
+      core: ``'pretrained'`` (the real ``W0``) or ``'axes'``: the release's
+        full-fine-tune pipeline, which passes ``W0 = 0``, so its core is the
+        first ``K`` coordinate axes.
+      span_tol: rank cut-off: singular values of ``(I - V_t V_t^T) V0K`` (at
+        most 1) at or below ``span_tol``, and of a concatenation of reliance
+        bases at or below ``span_tol`` times its largest, count as zero.
+      weight_fraction, anchor_fraction: scalar perspective fractions.
+      svd: ``'exact'`` or ``'randomized'`` for steps 1-2 (``key`` required;
+        the authors' ``torch.svd_lowrank`` with ``q = K`` or ``k``, 2 power iterations).
+      key: PRNG key; each leaf uses :func:`pact_jax.tree.leaf_key`.
+      oversample, power_iters: randomized SVD sketch columns beyond the rank
+        (0: the authors' ``q``) and power iterations.
+      only_2d, include, exclude, layer_ratio: which matrices are filtered
+        (:func:`pact_jax.scope.select_matrices`; default every matrix view
+        except names containing ``text_projection``).
+      paths: an explicit collection of leaf paths to filter instead (resolve
+        ``layer_ratio < 1`` with :func:`pact_jax.scope.select_matrices` over
+        the whole model when merging group by group).
       rules: :class:`pact_jax.LeafRules`; frozen and averaged leaves are
         returned unchanged.
 
     Returns:
       Stacked task vectors of the same structure, shapes and dtypes.
+
+    Warns:
+      UserWarning when ``K + (T - 1) k`` reaches a matrix's input dimension:
+      the protected space is then (nearly) everything.
     """
     settings = _settings(**{k: v for k, v in locals().items() if k not in ("pretrained", "stacked")})
     items, index, results = _pact_jobs(pretrained, stacked, settings)
@@ -367,14 +358,14 @@ def pact(
     return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(stacked), out)
 
 
-def lbw_statistics(pretrained: PyTree, stacked: PyTree, **pact_kwargs: Any) -> dict[str, dict[str, np.ndarray]]:
+def lbw_statistics(pretrained: PyTree, stacked: PyTree, **pact_kwargs: Any) -> dict[str, dict[str, Any]]:
     """Per-leaf statistics of what :func:`pact` finds and removes.
 
     Takes :func:`pact`'s keywords. Returns ``{path: stats}`` for every leaf PACT
     processes, as NumPy arrays: subspace perspective ``{'left'|'right':
-    {'pretrained_dims', 'lbw_dims' (T,), 'span_dims' (T,), 'cosines' (T, k)},
-    'energy_removed' (T,)}``; scalar perspective ``{'lbw_entries' (T,),
-    'masked_entries' (T,), 'energy_removed' (T,)}``.
+    {'pretrained_dims' (K kept), 'task_dims' (T,) (k kept), 'reliance_dims' (T,)
+    (dim R_t), 'protect_dims' (T,) (dim P_t)}, 'energy_removed' (T,)}``;
+    scalar perspective ``{'lbw_entries' (T,), 'masked_entries' (T,), 'energy_removed' (T,)}``.
     """
     defaults = {
         k: p.default for k, p in inspect.signature(pact).parameters.items() if p.default is not p.empty

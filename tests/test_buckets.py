@@ -12,7 +12,7 @@ import pact_jax
 from pact_jax import buckets, merges
 import importlib
 
-pact_module = importlib.import_module("pact_jax.pact")
+from pact_jax import subspace
 
 
 def _tree(key, shapes):
@@ -46,9 +46,9 @@ def test_mergers_and_pact_compile_once_per_distinct_shape():
         merger(stacked)
         merger(stacked)
         assert buckets.compile_count(kernel) - before == distinct
-    before = buckets.compile_count(pact_module._subspace_kernel)
+    before = buckets.compile_count(subspace.pact_kernel)
     pact_jax.pact(pre, stacked, task_rank=3, align_threshold=0.8125)
-    assert buckets.compile_count(pact_module._subspace_kernel) - before == distinct
+    assert buckets.compile_count(subspace.pact_kernel) - before == distinct
 
 
 def test_bucketed_equals_per_leaf_loop():
