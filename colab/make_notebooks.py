@@ -158,24 +158,35 @@ QUICKSTART = [
     ),
     new_markdown_cell(
         "## 4. PACT's Load-Bearing Walls, per layer\n\n"
-        "`pact_jax.lbw_statistics` reports, per matrix, how many pre-trained directions each task leaves "
-        "anchored (LBW dimensions) and how much of each task vector PACT removes."
+        "`pact_jax.lbw_statistics` reports, per matrix and on the input side (the left singular vectors of a "
+        "Flax kernel `(d_in, d_out)`): the dimension `K` of the pre-trained core, and per task the dimensions "
+        "of its explicit space (its own top directions), of its implicit reliance space (the core without "
+        "them: its Load-Bearing Walls) and of its protect space (the other tasks' reliance spaces, removed "
+        "from its task vector), and how much of each task vector PACT removes. `pact_jax.PACT_PRESETS` "
+        "holds other settings, e.g. `'light'`, which removes far less."
     ),
     new_code_cell(
         "stacked = pact_jax.task_vectors(pre, fts)\n"
-        "stats = pact_jax.lbw_statistics(pre, stacked)\n"
+        "stats = pact_jax.lbw_statistics(pre, stacked)                          # the defaults: preset 'paper'\n"
+        "light = pact_jax.lbw_statistics(pre, stacked, **pact_jax.pact_preset('light'))\n"
         "layers = list(stats)\n"
-        "lbw = np.array([stats[p]['left']['lbw_dims'] for p in layers])           # (layers, T)\n"
+        "reliance = np.array([stats[p]['left']['reliance_dims'] for p in layers])  # (layers, T)\n"
+        "protect = np.array([stats[p]['left']['protect_dims'] for p in layers])    # (layers, T)\n"
         "removed = np.array([stats[p]['energy_removed'] for p in layers])          # (layers, T)\n"
+        "removed_light = np.array([light[p]['energy_removed'] for p in layers])\n"
         "fig, axes = plt.subplots(1, 2, figsize=(10, 3.2))\n"
-        "for t in range(lbw.shape[1]):\n"
-        "    axes[0].plot(lbw[:, t], 'o-', label=f'task {t}')\n"
-        "    axes[1].plot(100 * removed[:, t], 'o-', label=f'task {t}')\n"
-        "axes[0].set_title('LBW directions per layer'); axes[1].set_title('energy removed from tau_t (%)')\n"
+        "for t in range(reliance.shape[1]):\n"
+        "    axes[0].plot(reliance[:, t], 'o-', label=f'task {t} reliance')\n"
+        "    axes[0].plot(protect[:, t], 'x--', label=f'task {t} protect')\n"
+        "    axes[1].plot(100 * removed[:, t], 'o-', label=f'task {t} paper')\n"
+        "    axes[1].plot(100 * removed_light[:, t], 'x--', label=f'task {t} light')\n"
+        "axes[0].set_title('reliance / protect dims per layer'); axes[1].set_title('energy removed from tau_t (%)')\n"
         "for a in axes: a.set_xticks(range(len(layers)), [p.rsplit('/', 2)[-2] for p in layers], rotation=30)\n"
-        "axes[1].legend(); plt.tight_layout(); plt.show()\n"
+        "axes[1].legend(fontsize=7); plt.tight_layout(); plt.show()\n"
         "for p in layers:\n"
-        "    print(p, 'pre-trained dims', int(stats[p]['left']['pretrained_dims']), 'LBW dims', stats[p]['left']['lbw_dims'])"
+        "    s = stats[p]['left']\n"
+        "    print(p, 'K', int(s['pretrained_dims']), 'task', s['task_dims'], 'reliance', s['reliance_dims'],\n"
+        "          'protect', s['protect_dims'])"
     ),
 ]
 
@@ -245,6 +256,11 @@ YOUR_CHECKPOINTS = [
     new_code_cell(
         "!pact-jax merge --pretrained ckpts/pretrained --finetuned ckpts/task0 ckpts/task1 ckpts/task2 "
         "--method tsv --pact --output merged_cli --overwrite --no-progress\n"
+        "# a PACT preset on the first half of the matrices (model order), and SIFT instead of PACT\n"
+        "!pact-jax merge --pretrained ckpts/pretrained --finetuned ckpts/task0 ckpts/task1 ckpts/task2 "
+        "--method tsv --pact-preset light --pact-layer-ratio 0.5 --output merged_cli_light --overwrite --no-progress\n"
+        "!pact-jax merge --pretrained ckpts/pretrained --finetuned ckpts/task0 ckpts/task1 ckpts/task2 "
+        "--method task_arithmetic --sift --output merged_cli_sift --overwrite --no-progress\n"
         "!pact-jax inspect ckpts/task0 --pretrained ckpts/pretrained --finetuned ckpts/task1 ckpts/task2"
     ),
     new_markdown_cell(

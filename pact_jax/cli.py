@@ -1,6 +1,8 @@
 """The ``pact-jax`` command line: ``merge`` and ``inspect``.
 
     pact-jax merge --pretrained PRE --finetuned FT1 FT2 ... --method tsv --pact --output OUT
+    pact-jax merge ... --method tsv --pact-preset light [--pact-layer-ratio 0.5 --pact-exclude head]
+    pact-jax merge ... --method task_arithmetic --sift [--sift-arg pretrained_rank=0.5]
     pact-jax merge config.yaml [--flags that override it]
     pact-jax merge ... --distributed [--coordinator-address H:P --num-processes N --process-id I]
     pact-jax inspect CKPT [--pretrained PRE] [--finetuned FT ...]
@@ -23,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import time
 import traceback
@@ -41,6 +44,8 @@ _CONFIG_KEYS = {
     "finetuned": list,
     "method": str,
     "pact": bool,
+    "pact_preset": str,
+    "sift": bool,
     "alpha": float,
     "svd": str,
     "seed": int,
@@ -51,6 +56,11 @@ _CONFIG_KEYS = {
     "budget_mib": float,
     "method_args": dict,
     "pact_args": dict,
+    "sift_args": dict,
+    "pact_only_2d": bool,
+    "pact_include": list,
+    "pact_exclude": list,
+    "pact_layer_ratio": float,
     "rules": dict,
     "progress": bool,
     "mesh": str,
@@ -61,6 +71,9 @@ _CONFIG_KEYS = {
 }
 _DISTRIBUTED_KEYS = ("coordinator_address", "num_processes", "process_id")
 _RULE_KEYS = ("matrix", "not_matrix", "average", "freeze")
+# Scope of PACT's subspace perspective and of SIFT: config key -> keyword of pact / sift.
+_SCOPE_KEYS = {"pact_only_2d": "only_2d", "pact_include": "include", "pact_exclude": "exclude",
+               "pact_layer_ratio": "layer_ratio"}  # fmt: skip
 
 
 class UsageError(Exception):
@@ -74,8 +87,33 @@ def _key_value(text: str) -> tuple[str, Any]:
     return k.strip(), yaml.safe_load(v)
 
 
+def _flag(key: str) -> str:
+    return "--" + key.replace("_", "-")
+
+
+def _add_pact_scope(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group(
+        "PACT / SIFT scope",
+        "Which matrices PACT's subspace perspective and SIFT filter (DESIGN §1a); every other leaf passes "
+        "through them unchanged. Resolved over the pre-trained checkpoint's leaves before merging, so "
+        "--pact-layer-ratio selects the same matrices with or without --budget-mib.",
+    )
+    g.add_argument("--pact-only-2d", action=argparse.BooleanOptionalAction, default=None,
+                   help="only exactly-2-D weights, as the PACT authors (default: every matrix of the leaf rules)")
+    g.add_argument("--pact-include", action="append", default=None, metavar="REGEX",
+                   help="only matrices whose path matches one of these (repeatable)")
+    g.add_argument("--pact-exclude", action="append", default=None, metavar="REGEX",
+                   help="leave matrices whose path matches one of these alone (repeatable; default "
+                        "text_projection; --pact-exclude '' excludes nothing)")
+    g.add_argument("--pact-layer-ratio", type=float, metavar="F",
+                   help="only the first fraction F in (0, 1] of those matrices in model order (natural sort "
+                        "of paths; default 1)")  # fmt: skip
+
+
 def _parser() -> argparse.ArgumentParser:
     from pact_jax import io, recipes
+
+    presets = list(recipes.pact_presets())
 
     ap = argparse.ArgumentParser(prog="pact-jax", description="Merge fine-tuned JAX/Flax checkpoints, with PACT.")
     ap.add_argument("--traceback", action="store_true", help="print the full traceback on failure")
@@ -91,6 +129,12 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--finetuned", nargs="+", help="fine-tuned checkpoints, one per task")
     m.add_argument("--method", choices=recipes.METHODS)
     m.add_argument("--pact", action=argparse.BooleanOptionalAction, default=None, help="PACT pre-processing (default: off)")
+    m.add_argument("--pact-preset", choices=presets,
+                   help="PACT with a named set of hyperparameters (pact_jax.pact.PRESETS; implies --pact; "
+                        "--pact-arg overrides single ones; 'paper' is the default set)")  # fmt: skip
+    m.add_argument("--sift", action=argparse.BooleanOptionalAction, default=None,
+                   help="SIFT pre-processing instead of PACT: remove each task vector's component in the "
+                        "pre-trained top subspace (the PACT authors' ablation baseline; default: off)")  # fmt: skip
     m.add_argument("--alpha", type=float, help="scaling of the merged delta (default per method)")
     m.add_argument(
         "--svd", choices=("exact", "randomized"),
@@ -106,7 +150,10 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--method-arg", type=_key_value, action="append", default=[], metavar="KEY=VALUE",
                    help="merger hyperparameter, e.g. density=0.2 (repeatable)")  # fmt: skip
     m.add_argument("--pact-arg", type=_key_value, action="append", default=[], metavar="KEY=VALUE",
-                   help="PACT hyperparameter, e.g. task_rank=0.05 (repeatable)")  # fmt: skip
+                   help="PACT hyperparameter, e.g. task_rank=5 (repeatable)")  # fmt: skip
+    m.add_argument("--sift-arg", type=_key_value, action="append", default=[], metavar="KEY=VALUE",
+                   help="SIFT hyperparameter, e.g. pretrained_rank=0.5 (repeatable)")  # fmt: skip
+    _add_pact_scope(m)
     for rule in _RULE_KEYS:
         m.add_argument(f"--{rule.replace('_', '-')}", dest=f"rule_{rule}", metavar="REGEX",
                        help=f"leaf rule: paths matching REGEX are '{rule}' (see LeafRules)")  # fmt: skip
@@ -129,6 +176,8 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("--format", choices=io.FORMATS, help="input format (default: detected)")
     i.add_argument("--pact-arg", type=_key_value, action="append", default=[], metavar="KEY=VALUE",
                    help="PACT hyperparameter for the statistics (repeatable)")  # fmt: skip
+    i.add_argument("--pact-preset", choices=presets, help="PACT preset for the subspace statistics")
+    _add_pact_scope(i)
     i.add_argument("--json", action="store_true", help="print JSON instead of tables")
     return ap
 
@@ -174,14 +223,15 @@ def _load_config(path: str) -> dict[str, Any]:
 def merge_settings(args: argparse.Namespace) -> dict[str, Any]:
     """Config file, then flags on top; checks what is required."""
     cfg = _load_config(args.config) if args.config else {}
-    for k in ("pretrained", "finetuned", "method", "pact", "alpha", "svd", "seed", "output", "format",
-              "output_format", "overwrite", "budget_mib", "progress", "mesh", "distributed",
-              *_DISTRIBUTED_KEYS):  # fmt: skip
+    for k in ("pretrained", "finetuned", "method", "pact", "pact_preset", "sift", "alpha", "svd", "seed", "output",
+              "format", "output_format", "overwrite", "budget_mib", "progress", "mesh", "distributed",
+              *_DISTRIBUTED_KEYS, *_SCOPE_KEYS):  # fmt: skip
         v = getattr(args, k)
         if v is not None:
             cfg[k] = v
     cfg["method_args"] = {**cfg.get("method_args", {}), **dict(args.method_arg)}
     cfg["pact_args"] = {**cfg.get("pact_args", {}), **dict(args.pact_arg)}
+    cfg["sift_args"] = {**cfg.get("sift_args", {}), **dict(args.sift_arg)}
     cfg["rules"] = {**cfg.get("rules", {}), **{r: getattr(args, f"rule_{r}") for r in _RULE_KEYS if getattr(args, f"rule_{r}")}}
     missing = [k for k in ("pretrained", "finetuned", "method", "output") if not cfg.get(k)]
     if missing:
@@ -197,7 +247,66 @@ def merge_settings(args: argparse.Namespace) -> dict[str, Any]:
         raise UsageError(f"{', '.join('--' + k.replace('_', '-') for k in given)} need(s) --distributed")
     if cfg.get("distributed") and not cfg.get("mesh"):
         cfg["mesh"] = "auto"
+    _check_transform(cfg, recipes)
     return cfg
+
+
+def _check_transform(cfg: dict[str, Any], recipes) -> None:
+    """--pact / --pact-preset / --sift and their arguments and scope: consistent, or a usage error."""
+    preset = cfg.get("pact_preset")
+    if preset is not None:
+        presets = list(recipes.pact_presets())
+        if preset not in presets:
+            raise UsageError(f"--pact-preset (pact_preset) must be one of {presets}, got {preset!r}")
+        if cfg.get("pact") is False:
+            raise UsageError(f"--pact-preset {preset} needs PACT, but --no-pact (pact: false) turns it off")
+        cfg["pact"] = True
+    if cfg.get("sift") and cfg.get("pact"):
+        which = "--pact-preset" if preset is not None else "--pact"
+        raise UsageError(f"--sift and {which} are exclusive: SIFT filters the task vectors instead of PACT; "
+                         "choose one (--no-pact turns off a config's pact: true)")  # fmt: skip
+    if cfg["sift_args"] and not cfg.get("sift"):
+        raise UsageError(f"SIFT hyperparameters {sorted(cfg['sift_args'])} given, but SIFT is off (add --sift).")
+    for key in ("pact_args", "sift_args"):
+        if "paths" in cfg[key]:
+            raise UsageError(f"--{key[:4]}-arg paths=... : the CLI sets paths from the scope flags "
+                             "(--pact-include, --pact-exclude, --pact-only-2d, --pact-layer-ratio)")  # fmt: skip
+    given = [k for k in _SCOPE_KEYS if cfg.get(k) is not None]
+    if given and not (cfg.get("pact") or cfg.get("sift")):
+        raise UsageError(f"{', '.join(_flag(k) for k in given)} need(s) --pact, --pact-preset or --sift")
+    ratio = cfg.get("pact_layer_ratio")
+    if ratio is not None and not 0 < ratio <= 1:
+        raise UsageError(f"--pact-layer-ratio must lie in (0, 1], got {ratio}")
+    for key in ("pact_include", "pact_exclude"):
+        for pattern in cfg.get(key) or ():
+            if not isinstance(pattern, str):
+                raise UsageError(f"{_flag(key)} ({key}) takes regular expressions, got {pattern!r}")
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise UsageError(f"{_flag(key)} {pattern!r} is not a regular expression: {e}") from e
+
+
+def _scope_kwargs(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The scope keywords of pact / sift that the config's scope keys set ('' in an exclude list: none)."""
+    kw = {_SCOPE_KEYS[k]: cfg[k] for k in _SCOPE_KEYS if cfg.get(k) is not None}
+    for k in ("include", "exclude"):
+        if k in kw:
+            kw[k] = tuple(p for p in kw[k] if p)
+    if kw.get("include") == ():
+        del kw["include"]
+    return kw
+
+
+def _float_shapes(path: str, fmt: str | None) -> dict[str, tuple[int, ...]]:
+    """``{leaf path: shape}`` of a checkpoint's float leaves (those a merge sees), from its metadata."""
+    import jax.numpy as jnp
+
+    from pact_jax import io
+
+    with io.open_reader(path, fmt) as reader:
+        meta = reader.metadata()
+    return {p: tuple(s.shape) for p, s in meta.items() if jnp.issubdtype(s.dtype, jnp.floating)}
 
 
 def _rules(spec: dict[str, str]):
@@ -217,21 +326,48 @@ def run_merge(cfg: dict[str, Any]) -> int:
     from pact_jax import recipes
     from pact_jax.io import streaming
 
-    use_pact = bool(cfg.get("pact", False))
+    use_pact, use_sift = bool(cfg.get("pact", False)), bool(cfg.get("sift", False))
+    scope = _scope_kwargs(cfg)
+    recipe = dict(
+        use_pact=use_pact,
+        pact_preset=cfg.get("pact_preset"),
+        pact_kwargs={**cfg["pact_args"], **scope} if use_pact else cfg["pact_args"] or None,
+        use_sift=use_sift,
+        sift_kwargs={**cfg["sift_args"], **scope} if use_sift else None,
+        svd=cfg.get("svd"),
+    )
+    rules = _rules(cfg["rules"])
+    try:
+        transform, t_kw = recipes.transform_settings(cfg["method"], **recipe)
+    except ValueError as e:
+        msg = str(e)
+        if "PACT is off" in msg:
+            msg += " (add --pact)"
+        elif "preset" in msg:
+            msg = f"--pact-preset {cfg.get('pact_preset')}: {msg}"
+        raise UsageError(msg) from e
+    scoped = recipes.is_scoped(transform, t_kw)
+    if scope and not scoped:
+        raise UsageError(
+            f"{', '.join(_flag(k) for k in _SCOPE_KEYS if cfg.get(k) is not None)}: PACT before {cfg['method']} "
+            "uses the scalar-weight perspective, which treats every leaf entry-wise; the scope flags choose the "
+            "matrices of the subspace perspective and of SIFT (--pact-arg perspective=subspace to use it)"
+        )
+    # The scope, resolved over the whole model: the merge may see one group of leaves at a time.
+    shapes = _float_shapes(cfg["pretrained"], cfg.get("format")) if scoped else None
     try:
         merge = recipes.make_merge(
             cfg["method"],
-            use_pact=use_pact,
-            pact_kwargs=cfg["pact_args"] if use_pact else None,
+            **recipe,
             method_kwargs=cfg["method_args"],
             alpha=cfg.get("alpha"),
-            rules=_rules(cfg["rules"]),
-            svd=cfg.get("svd"),
+            rules=rules,
+            shapes=shapes,
         )
+        paths = recipes.with_scope_paths(t_kw, shapes, rules)["paths"] if scoped else None
     except ValueError as e:
-        raise UsageError(str(e)) from e
-    if cfg["pact_args"] and not use_pact:
-        raise UsageError(f"PACT hyperparameters {sorted(cfg['pact_args'])} given, but PACT is off (add --pact).")
+        flag = {"pact": "--pact-arg", "sift": "--sift-arg"}.get(str(e).split(" ", 1)[0], "--method-arg")
+        raise UsageError(f"{flag}: {e}" if "hyperparameters" in str(e) else str(e)) from e
     mesh = _mesh(cfg["mesh"]) if cfg.get("mesh") else None
     key = jax.random.key(cfg.get("seed", 0))
     budget = cfg.get("budget_mib")
@@ -249,8 +385,12 @@ def run_merge(cfg: dict[str, Any]) -> int:
         progress=progress,
         mesh=mesh,
     )
-    alpha = cfg.get("alpha", recipes.DEFAULT_ALPHA[cfg["method"]])
-    what = f"{cfg['method']}{' + PACT' if use_pact else ''}, alpha {alpha}"
+    alpha = cfg.get("alpha", recipes.default_alpha(cfg["method"], transform))
+    notes = [f"preset {cfg['pact_preset']}"] if cfg.get("pact_preset") else []
+    if paths is not None:
+        notes.append(f"on {len(paths)} matri{'x' if len(paths) == 1 else 'ces'}")
+    what = cfg["method"] + (f" + {transform.upper()}" if transform else "")
+    what += f" ({', '.join(notes)}), alpha {alpha}" if notes else f", alpha {alpha}"
     if jax.process_index() == 0:
         where = f", {jax.process_count()} processes, mesh {dict(mesh.shape)}" if jax.process_count() > 1 else ""
         print(f"{what}{where}\n{report.summary()}")
@@ -318,8 +458,9 @@ def run_inspect(args: argparse.Namespace) -> int:
     }
     if args.finetuned and not args.pretrained:
         raise UsageError("--finetuned needs --pretrained (task vectors are differences to it)")
-    if args.pact_arg and not args.pretrained:
-        raise UsageError("--pact-arg needs --pretrained")
+    for key in ("pact_arg", "pact_preset", *_SCOPE_KEYS):
+        if getattr(args, key) and not args.pretrained:
+            raise UsageError(f"{_flag(key)} needs --pretrained")
     if args.pretrained:
         result["tasks"] = _task_statistics(args, reader)
     if args.json:
@@ -348,13 +489,23 @@ def _task_statistics(args: argparse.Namespace, reader) -> dict[str, Any]:
     check_compatible(pre_reader, readers)
     pre = pre_reader.load()
     stacked = pact_jax.task_vectors(pre, [r.load() for r in readers])
+    from pact_jax import recipes
+
     pact_kwargs = dict(args.pact_arg)
     pact_kwargs.pop("perspective", None)
+    scope = _scope_kwargs(vars(args))
+    ratio = scope.get("layer_ratio")
+    if ratio is not None and not 0 < ratio <= 1:
+        raise UsageError(f"--pact-layer-ratio must lie in (0, 1], got {ratio}")
+    preset = {} if args.pact_preset is None else dict(recipes.pact_presets()[args.pact_preset])
+    # The preset and the scope are the subspace perspective's; the scalar one treats every leaf.
+    scalar_kwargs = {k: v for k, v in pact_kwargs.items() if k not in (*recipes.SCOPE_KEYS, "paths")}
     try:
-        subspace = pact_jax.lbw_statistics(pre, stacked, **{**pact_kwargs, "perspective": "subspace"})
-        scalar = pact_jax.lbw_statistics(pre, stacked, **{**pact_kwargs, "perspective": "scalar"})
-    except TypeError as e:
-        raise UsageError(str(e)) from e
+        subspace_kwargs = {**preset, **pact_kwargs, **scope, "perspective": "subspace"}
+        subspace = pact_jax.lbw_statistics(pre, stacked, **subspace_kwargs)
+        scalar = pact_jax.lbw_statistics(pre, stacked, **{**scalar_kwargs, "perspective": "scalar"})
+    except (TypeError, ValueError) as e:
+        raise UsageError(f"--pact-arg / --pact-preset: {e}") from e
     layers = {}
     flat_pre, flat_tau = io.flatten(pre), io.flatten(stacked)
     for p, tau in flat_tau.items():
@@ -367,7 +518,8 @@ def _task_statistics(args: argparse.Namespace, reader) -> dict[str, Any]:
         }
         if p in subspace:
             s = subspace[p]
-            sides = {side: {"pretrained_dims": int(np.asarray(v["pretrained_dims"])), "lbw_dims": np.asarray(v["lbw_dims"]).tolist()}
+            # Per side: pretrained_dims (), task_dims / reliance_dims / protect_dims (T,).
+            sides = {side: {k: np.asarray(x).tolist() for k, x in v.items()}
                      for side, v in s.items() if isinstance(v, dict)}  # fmt: skip
             entry["subspace"] = {**sides, "energy_removed": np.asarray(s["energy_removed"]).tolist()}
         if p in scalar:
@@ -380,16 +532,22 @@ def _task_statistics(args: argparse.Namespace, reader) -> dict[str, Any]:
 
 def _print_task_statistics(stats: dict[str, Any]) -> None:
     n = len(stats["checkpoints"])
-    print(f"\nTask vectors against {stats['pretrained']} ({n} task(s)); per task: ||tau|| / ||W0||, "
-          "PACT subspace: LBW directions (of pre-trained top-k) and energy removed; scalar: energy removed")  # fmt: skip
+    print(f"\nTask vectors against {stats['pretrained']} ({n} task(s)); per task: ||tau|| / ||W0||; "
+          "PACT subspace, per side: pre-trained core dims K, and per task the dims of its explicit space "
+          "(task), implicit reliance space (reliance) and protect space (protect), energy removed; "
+          "scalar: energy removed")  # fmt: skip
     for p, e in stats["layers"].items():
         rel = "—" if e["tau_rel"] is None else " ".join(f"{x:.3f}" for x in e["tau_rel"])
         line = f"  {p}: rel {rel}"
         if "subspace" in e:
             s = e["subspace"]
-            side = next(k for k in ("left", "right") if k in s)
-            dims = "/".join(str(d) for d in s[side]["lbw_dims"])
-            line += f" | {side} LBW {dims} of {s[side]['pretrained_dims']}, removed " + " ".join(f"{x:.0%}" for x in s["energy_removed"])
+            for side in (k for k in ("left", "right") if k in s):
+                d = s[side]
+                line += f" | {side} K {d['pretrained_dims']}" + "".join(
+                    f" {name} " + "/".join(str(x) for x in d[f"{name}_dims"])
+                    for name in ("task", "reliance", "protect") if f"{name}_dims" in d
+                )  # fmt: skip
+            line += ", removed " + " ".join(f"{x:.0%}" for x in s["energy_removed"])
         if "scalar" in e:
             line += " | scalar removed " + " ".join(f"{x:.0%}" for x in e["scalar"]["energy_removed"])
         print(line)

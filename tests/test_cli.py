@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -12,7 +14,8 @@ import numpy as np
 import pytest
 import yaml
 
-from pact_jax import cli, io, recipes
+import pact_jax
+from pact_jax import cli, io, merges, recipes
 
 
 def run(capsys, *argv):
@@ -91,12 +94,25 @@ def test_merge_from_yaml_config_with_flag_override(tmp_path, capsys, tiny_checkp
         (["--method", "ties", "--method-arg", "densty=0.2"], "unknown hyperparameters ['densty']"),
         (["--method", "ties", "--pact-arg", "task_rank=3"], "PACT is off"),
         (["--method", "ties", "--method-arg", "oops"], "expected KEY=VALUE"),
+        (["--method", "tsv", "--pact-arg", "task_rnak=3", "--pact"], "--pact-arg: pact got unknown hyperparameters"),
+        (["--method", "tsv", "--sift", "--sift-arg", "task_rank=3"], "--sift-arg: sift got unknown hyperparameters"),
+        (["--method", "tsv", "--pact-preset", "heavy"], "invalid choice: 'heavy'"),
+        (["--method", "ties", "--pact-preset", "light"], "--pact-preset light: PACT preset 'light'"),
+        (["--method", "tsv", "--pact-preset", "light", "--no-pact"], "--pact-preset light needs PACT"),
+        (["--method", "tsv", "--sift", "--pact"], "--sift and --pact are exclusive"),
+        (["--method", "tsv", "--sift", "--pact-preset", "paper"], "--sift and --pact-preset are exclusive"),
+        (["--method", "tsv", "--sift-arg", "pretrained_rank=0.5"], "SIFT is off (add --sift)"),
+        (["--method", "tsv", "--pact-layer-ratio", "0.5"], "--pact-layer-ratio need(s) --pact"),
+        (["--method", "tsv", "--pact", "--pact-layer-ratio", "1.5"], "--pact-layer-ratio must lie in (0, 1]"),
+        (["--method", "tsv", "--sift", "--pact-include", "dense_("], "--pact-include 'dense_(' is not a regular"),
+        (["--method", "ties", "--pact", "--pact-only-2d"], "--pact-only-2d: PACT before ties uses the scalar"),
+        (["--method", "tsv", "--pact", "--pact-arg", "paths=[a]"], "the CLI sets paths from the scope flags"),
     ],
 )
 def test_usage_errors_exit_2(tmp_path, capsys, tiny_checkpoints, argv_tail, message):
     pre_dir, ft_dirs, *_ = tiny_checkpoints
     code, _, err = run(capsys, *merge_args(pre_dir, ft_dirs, tmp_path / "out", *argv_tail))
-    assert code == 2 and message in err
+    assert code == 2 and message in err, err
     assert not (tmp_path / "out").exists()
 
 
@@ -150,9 +166,15 @@ def test_inspect_tree_and_task_statistics(tmp_path, capsys, tiny_checkpoints):
     tau = np.asarray(fts[1]["params"]["dense_0"]["kernel"]) - np.asarray(pre["params"]["dense_0"]["kernel"])
     np.testing.assert_allclose(layer["tau_norm"][1], np.linalg.norm(tau), rtol=1e-5)
     assert len(layer["subspace"]["energy_removed"]) == 3 and len(layer["scalar"]["energy_removed"]) == 3
-    assert layer["subspace"]["left"]["pretrained_dims"] >= 1
+    left = layer["subspace"]["left"]  # Flax kernels: the input side is the left one
+    assert set(left) == {"pretrained_dims", "task_dims", "reliance_dims", "protect_dims"}
+    assert left["pretrained_dims"] == 6  # floor(0.8 * min(8, 16)), the paper preset
+    for k in ("task_dims", "reliance_dims", "protect_dims"):
+        assert len(left[k]) == 3 and all(isinstance(d, int) for d in left[k]), (k, left[k])
+    assert left["task_dims"] == [8, 8, 8]  # min(task_rank=10, 8)
     code, out, _ = run(capsys, "inspect", ft_dirs[0], "--pretrained", pre_dir)
-    assert code == 0 and "LBW" in out and "energy removed" in out
+    assert code == 0 and "energy removed" in out
+    assert re.search(r"params/dense_0/kernel: rel [\d.]+ \| left K 6 task 8 reliance \d+ protect \d+, removed", out), out
     code, _, err = run(capsys, "inspect", ft_dirs[0], "--finetuned", ft_dirs[1])
     assert code == 2 and "--finetuned needs --pretrained" in err
 
@@ -239,3 +261,121 @@ def test_distributed_flags_are_checked(tmp_path, capsys, tiny_checkpoints):
                                      "--distributed", "--num-processes", "2"])  # fmt: skip
     cfg = cli.merge_settings(args)
     assert cfg["distributed"] and cfg["mesh"] == "auto" and cfg["num_processes"] == 2
+
+
+# --------------------------------------------------------------------------
+# PACT presets, SIFT and the PACT / SIFT scope
+
+
+@pytest.fixture
+def spy(monkeypatch):
+    """Records the keywords every call of pact_jax.pact / pact_jax.sift gets (the real ones still run)."""
+    calls: dict[str, list[dict]] = {"pact": [], "sift": []}
+    for name in calls:
+        real = getattr(pact_jax, name)
+
+        @functools.wraps(real)
+        def wrapper(*args, _real=real, _name=name, **kw):
+            calls[_name].append({k: v for k, v in kw.items() if k not in ("pretrained", "stacked", "key", "rules")})
+            return _real(*args, **kw)
+
+        monkeypatch.setattr(pact_jax, name, wrapper)
+    return calls
+
+
+def float_shapes(params):
+    return {p: tuple(np.shape(x)) for p, x in io.flatten(params).items()}
+
+
+def test_pact_preset_reaches_pact_under_flags(tmp_path, capsys, tiny_checkpoints, spy):
+    pre_dir, ft_dirs, pre, _ = tiny_checkpoints
+    code, out, err = run(capsys, *merge_args(pre_dir, ft_dirs, tmp_path / "out", "--method", "task_arithmetic",
+                                             "--pact-preset", "light", "--pact-arg", "task_rank=3"))  # fmt: skip
+    assert code == 0, err
+    assert "task_arithmetic + PACT (preset light, on 6 matrices), alpha 0.3" in out
+    assert len(spy["pact"]) == 1 and not spy["sift"]
+    kw = spy["pact"][0]
+    want = {**pact_jax.pact_preset("light"), "task_rank": 3, "perspective": "subspace"}
+    assert {k: kw[k] for k in want} == want  # the preset, with --pact-arg on top
+    assert kw["paths"] == pact_jax.scope.select_matrices(float_shapes(pre), pact_jax.DEFAULT_RULES)
+    assert not set(kw) & {"only_2d", "include", "exclude", "layer_ratio"}  # resolved into paths
+
+
+def test_sift_chain_equals_python_api(tmp_path, capsys, tiny_checkpoints, spy):
+    pre_dir, ft_dirs, pre, fts = tiny_checkpoints
+    code, out, err = run(capsys, *merge_args(pre_dir, ft_dirs, tmp_path / "out", "--method", "task_arithmetic",
+                                             "--sift", "--sift-arg", "pretrained_rank=0.5"))  # fmt: skip
+    assert code == 0, err
+    assert "task_arithmetic + SIFT (on 6 matrices), alpha 0.3" in out
+    assert not spy["pact"] and [c["pretrained_rank"] for c in spy["sift"]] == [0.5]
+    real_sift = pact_jax.sift.__wrapped__
+    want = pact_jax.chain(functools.partial(real_sift, pretrained_rank=0.5), merges.task_arithmetic, alpha=0.3)(pre, fts)
+    got = io.load(tmp_path / "out")
+    assert_params_close(got, want)
+    plain = recipes.make_merge("task_arithmetic")(pre, fts)
+    diff = np.abs(np.asarray(got["params"]["dense_0"]["kernel"]) - np.asarray(plain["params"]["dense_0"]["kernel"]))
+    assert diff.max() > 1e-3  # SIFT did filter
+
+
+def test_yaml_pact_preset_scope_and_sift_keys(tmp_path, capsys, tiny_checkpoints, spy):
+    pre_dir, ft_dirs, pre, _ = tiny_checkpoints
+    base = {"pretrained": str(pre_dir), "finetuned": [str(d) for d in ft_dirs], "method": "tsv", "progress": False}
+    cfg = tmp_path / "pact.yaml"
+    cfg.write_text(yaml.safe_dump({**base, "output": "out1", "pact_preset": "adaptive", "pact_args": {"task_energy": 0.9},
+                                   "pact_only_2d": True, "pact_include": ["dense", "head"],
+                                   "pact_exclude": "head", "pact_layer_ratio": 0.5}))  # fmt: skip
+    code, out, err = run(capsys, "merge", cfg)
+    assert code == 0, err
+    kw = spy["pact"][0]
+    assert kw["task_energy"] == 0.9 and kw["pretrained_energy"] == pact_jax.pact_preset("adaptive")["pretrained_energy"]
+    # 2-D, matching dense|head, not head: dense_0, dense_1; the first half of them.
+    assert kw["paths"] == ("params/dense_0/kernel",)
+    # A flag overrides the config's list; '' in --pact-exclude excludes nothing.
+    code, out, err = run(capsys, "merge", cfg, "--pact-exclude", "", "--output", tmp_path / "out2")
+    assert code == 0, err
+    assert spy["pact"][1]["paths"] == ("params/dense_0/kernel", "params/dense_1/kernel")
+    cfg.write_text(yaml.safe_dump({**base, "output": "out3", "sift": True, "sift_args": {"pretrained_rank": 2},
+                                   "pact_exclude": ["conv", "query", "out/"]}))  # fmt: skip
+    code, out, err = run(capsys, "merge", cfg)
+    assert code == 0, err
+    assert spy["sift"][0]["pretrained_rank"] == 2
+    assert spy["sift"][0]["paths"] == ("params/dense_0/kernel", "params/dense_1/kernel", "params/head/kernel")
+    cfg.write_text(yaml.safe_dump({**base, "output": "out4", "pact_preset": "light", "sift": True}))
+    code, _, err = run(capsys, "merge", cfg)
+    assert code == 2 and "--sift and --pact-preset are exclusive" in err
+    cfg.write_text(yaml.safe_dump({**base, "output": "out4", "pact": True, "pact_layer_ratio": "half"}))
+    code, _, err = run(capsys, "merge", cfg)
+    assert code == 2 and "'pact_layer_ratio' must be a float" in err
+
+
+def test_scope_resolves_to_the_same_paths_with_and_without_budget(tmp_path, capsys, tiny_checkpoints, spy):
+    pre_dir, ft_dirs, pre, fts = tiny_checkpoints
+    flags = ["--method", "task_arithmetic", "--pact", "--pact-layer-ratio", "0.5"]
+    assert run(capsys, *merge_args(pre_dir, ft_dirs, tmp_path / "whole", *flags))[0] == 0
+    whole = list(spy["pact"])
+    code, out, err = run(capsys, *merge_args(pre_dir, ft_dirs, tmp_path / "streamed", *flags, "--budget-mib", "0.001"))
+    assert code == 0, err
+    streamed = spy["pact"][len(whole):]
+    want = pact_jax.scope.select_matrices(float_shapes(pre), pact_jax.DEFAULT_RULES, layer_ratio=0.5)
+    assert want == ("params/conv/kernel", "params/dense_0/kernel", "params/dense_1/kernel")
+    assert len(whole) == 1 and whole[0]["paths"] == want
+    assert len(streamed) > 3 and all(c["paths"] == want for c in streamed)  # every group: the whole model's scope
+    assert_params_close(io.load(tmp_path / "streamed"), io.load(tmp_path / "whole"))
+    # Matrices out of scope are merged as without PACT; those in scope are filtered.
+    got, plain = io.flatten(io.load(tmp_path / "whole")), io.flatten(recipes.make_merge("task_arithmetic")(pre, fts))
+    for p in ("params/query/kernel", "params/out/kernel", "params/head/kernel"):
+        np.testing.assert_allclose(np.asarray(got[p]), np.asarray(plain[p]), rtol=1e-5, atol=1e-6, err_msg=p)
+    assert np.abs(np.asarray(got["params/dense_1/kernel"]) - np.asarray(plain["params/dense_1/kernel"])).max() > 1e-3
+
+
+def test_inspect_with_preset_and_scope(tmp_path, capsys, tiny_checkpoints):
+    pre_dir, ft_dirs, *_ = tiny_checkpoints
+    argv = ["inspect", ft_dirs[0], "--pretrained", pre_dir, "--finetuned", *ft_dirs[1:], "--json"]
+    code, out, err = run(capsys, *argv, "--pact-preset", "light", "--pact-include", "dense", "--pact-layer-ratio", "0.5")
+    assert code == 0, err
+    layers = json.loads(out)["tasks"]["layers"]
+    assert [p for p, e in layers.items() if "subspace" in e] == ["params/dense_0/kernel"]
+    assert layers["params/dense_0/kernel"]["subspace"]["left"]["pretrained_dims"] == 1  # light: 0.1 of 8, at least 1
+    assert "scalar" in layers["params/head/kernel"]  # the scalar statistics cover every leaf
+    code, _, err = run(capsys, "inspect", ft_dirs[0], "--pact-preset", "light")
+    assert code == 2 and "--pact-preset needs --pretrained" in err

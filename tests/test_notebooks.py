@@ -77,12 +77,14 @@ def test_notebook_runs(tmp_path, monkeypatch, name):
             assert f"{method:16s} plain" in text and "with PACT" in text, method
         assert (tmp_path / "quickstart_zoo" / "pretrained").exists()
         assert (tmp_path / "quickstart_zoo" / "results.json").exists()
-        assert "LBW dims" in text  # per-layer statistics printed under their plot
+        assert "reliance" in text and "protect" in text  # per-layer statistics printed under their plot
         assert _images(nb) >= 2, "expected the accuracy plot and the per-layer LBW plot"
     else:
-        for out in ("merged_stream.safetensors", "merged_cli", "t5x/merged/checkpoint_0", "merged_mesh"):
+        for out in ("merged_stream.safetensors", "merged_cli", "merged_cli_light", "merged_cli_sift",
+                    "t5x/merged/checkpoint_0", "merged_mesh"):  # fmt: skip
             assert "merged 3 task(s)" in text and f"-> {out}" in text, out  # streaming; CLI: orbax, T5X, --mesh
         assert "max |sharded - unsharded|" in text
+        assert "tsv + PACT (preset light, on 2 matrices)" in text and "task_arithmetic + SIFT (on 3 matrices)" in text
         assert "t5x with" in text  # the merged T5X checkpoint is detected as T5X
         for out in ("merged_api", "merged_cli", "merged_stream.safetensors", "merged_mesh", "t5x/merged/checkpoint_0"):
             assert (tmp_path / out).exists(), out
