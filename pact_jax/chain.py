@@ -5,7 +5,7 @@ arguments ``key``, ``pretrained``, ``stacked`` and ``rules`` that its
 signature names. Bind hyperparameters with :func:`functools.partial`::
 
     merge = pact_jax.chain(
-        functools.partial(pact_jax.pact, task_rank=0.05),
+        pact_jax.pact,
         functools.partial(pact_jax.merges.ties, density=0.2),
         alpha=0.4,
     )
