@@ -563,7 +563,8 @@ def format_report(results: dict[str, Any]) -> str:
         f" test {b['split_sizes']['test']}",
         f"  ||task vector|| / ||W0||: {rel}",
         *(
-            f"  PACT ({p}, library defaults) removes {', '.join(f'{100 * e:.0f}%' for e in es)}"
+            f"  PACT ({p}, {'the paper' if p == 'subspace' else 'library'} defaults) removes "
+            f"{', '.join(f'{100 * e:.0f}%' for e in es)}"
             " of each task vector's energy"
             for p, es in b["pact_energy_removed"].items()
         ),
