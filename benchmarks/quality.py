@@ -109,7 +109,7 @@ GRID_POINTS = 30  # linspace(lo, hi, 31)[1:]
 # Full grids (no range of the authors): (0, hi]. TIES / DARE-TIES: pact_jax's scale of one task vector;
 # their best alpha was 0.1-0.5 on the ViT zoo, 0.5-1.5 on MiniLM with the earlier grid.
 FULL_GRID_HI: Mapping[str, float] = {"ties": 2.0, "dare_ties": 2.0}
-CHUNK = 5  # alphas per jitted validation sweep (early stopping is applied point by point within)
+CHUNK = 3  # alphas per jitted validation sweep (early stopping is applied point by point within)
 
 
 def settings_for(method: str, allowed: Sequence[str] = tuple(SETTINGS)) -> tuple[str, ...]:
@@ -118,6 +118,16 @@ def settings_for(method: str, allowed: Sequence[str] = tuple(SETTINGS)) -> tuple
         return ("none",)
     plan = SCALAR_SETTINGS if method in recipes.SCALAR_METHODS else SUBSPACE_SETTINGS
     return tuple(s for s in plan if s == "none" or s in allowed)
+
+
+@dataclasses.dataclass(frozen=True)
+class AlphaProtocol:
+    """Sizes of the alpha searches: ``points`` per authors' grid (30: their ``linspace(lo, hi, 31)[1:]``),
+    ``full_points`` per whole-grid search (``None``: ``points``), ``chunk`` alphas per jitted sweep."""
+
+    points: int = GRID_POINTS
+    full_points: int | None = None
+    chunk: int = CHUNK
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,8 +145,11 @@ class AlphaPlan:
                 "patience": self.patience, "source": self.source}
 
 
-def alpha_plan(method: str, setting: str, t: int, points: int = GRID_POINTS) -> AlphaPlan:
-    """The grid and early stop for ``method`` under ``setting`` with ``T = t`` tasks (module docstring)."""
+def alpha_plan(method: str, setting: str, t: int, points: int = GRID_POINTS, full_points: int | None = None) -> AlphaPlan:
+    """The grid and early stop for ``method`` under ``setting`` with ``T = t`` tasks (module docstring).
+
+    ``points``: points of the authors' grids; ``full_points``: of the whole-grid searches (default ``points``).
+    """
     if method in FIXED_ALPHA:
         return AlphaPlan((FIXED_ALPHA[method],), None, "fixed (the mean model)")
     if setting in AUTHORS_TRANSFORM and method not in recipes.SCALAR_METHODS:
@@ -151,7 +164,8 @@ def alpha_plan(method: str, setting: str, t: int, points: int = GRID_POINTS) -> 
         hi = FULL_GRID_HI[method]
     else:  # light: wide enough for the plain and the PACT optimum
         hi = max(alpha_mod.alpha_grid(method, None, points=1)[-1], alpha_mod.alpha_grid(method, "pact", t, points=1)[-1])
-    grid = tuple(float(a) for a in np.linspace(0.0, hi, points + 1)[1:])
+    n = points if full_points is None else full_points
+    grid = tuple(float(a) for a in np.linspace(0.0, hi, n + 1)[1:])
     return AlphaPlan(grid, None, "full grid (0, hi] chosen here")
 
 
@@ -162,8 +176,7 @@ class QualityConfig:
     task_counts: tuple[int, ...] = (4, 8)
     methods: tuple[str, ...] = METHODS
     settings: tuple[str, ...] = tuple(SETTINGS)
-    grid_points: int = GRID_POINTS
-    chunk: int = CHUNK
+    alpha: AlphaProtocol = AlphaProtocol()
 
 
 QUICK = QualityConfig(
@@ -172,8 +185,7 @@ QUICK = QualityConfig(
     task_counts=(4,),
     methods=("average", "task_arithmetic", "tsv", "ties"),
     settings=("none", "paper", "light", "sift", "scalar"),
-    grid_points=4,
-    chunk=2,
+    alpha=AlphaProtocol(points=4, chunk=2),
 )
 
 
@@ -294,27 +306,71 @@ def _sq_norms(tree: PyTree) -> np.ndarray:
                for x in jax.tree_util.tree_leaves(tree))
 
 
-def energy_removed(ev: TaskEvaluator, method: str, setting: str) -> float | None:
-    """Share of the task vectors' squared norm that the setting's transform (PACT or SIFT) removes,
-    mean over tasks; ``None`` without a transform. Runs the transform as the recipe does
-    (:func:`pact_jax.recipes.transform_settings`)."""
+def _transform(ev: TaskEvaluator, method: str, setting: str) -> tuple[str | None, dict[str, Any]]:
     kw = recipe(method, setting)
     kw.pop("method_kwargs")
     transform, t_kw = recipes.transform_settings(method, **kw)
+    return transform, dict(t_kw)
+
+
+def transformed(ev: TaskEvaluator, method: str, setting: str) -> tuple[PyTree, float] | None:
+    """``(filtered task vectors, share of ||tau||^2 removed)`` of the setting's transform (PACT or SIFT)
+    with the keywords the recipe gives it (:func:`pact_jax.recipes.transform_settings`); ``None``
+    without a transform. Kept on the evaluator for the setting last asked for: the same keywords
+    give the same filtered vectors whatever merger follows (preset ``'paper'`` before TA, TSV-M,
+    Iso-C and Iso-CTS; scalar PACT before TIES and DARE-TIES), so it runs once per setting."""
+    transform, t_kw = _transform(ev, method, setting)
     if transform is None:
         return None
-    t_kw = dict(t_kw)
-    if t_kw.get("svd") == "randomized":
-        t_kw.setdefault("key", merge_key(ev.seed, method))
-    stacked = pact_jax.task_vectors(ev.pre, ev.fts)
-    cleaned = getattr(pact_jax, transform)(ev.pre, stacked, rules=ev.rules, **t_kw)
-    removed = _sq_norms(jax.tree_util.tree_map(lambda a, b: a - b, stacked, cleaned))
-    return float(np.mean(removed / _sq_norms(stacked)))
+    randomized = t_kw.get("svd") == "randomized"
+    ident = (transform, repr(sorted(t_kw.items())), method if randomized else None)
+    cached = ev.__dict__.get("_transformed")
+    if cached is None or cached[0] != ident:
+        ev.__dict__.pop("_transformed", None)  # one filtered copy of the task vectors at a time
+        if randomized:
+            t_kw.setdefault("key", merge_key(ev.seed, method))
+        stacked = pact_jax.task_vectors(ev.pre, ev.fts)
+        cleaned = jax.block_until_ready(getattr(pact_jax, transform)(ev.pre, stacked, rules=ev.rules, **t_kw))
+        removed = _sq_norms(jax.tree_util.tree_map(lambda a, b: a - b, stacked, cleaned))
+        ev.__dict__["_transformed"] = cached = (ident, cleaned, float(np.mean(removed / _sq_norms(stacked))))
+    return cached[1], cached[2]
+
+
+def energy_removed(ev: TaskEvaluator, method: str, setting: str) -> float | None:
+    """Share of the task vectors' squared norm that the setting's transform (PACT or SIFT) removes,
+    mean over tasks; ``None`` without a transform."""
+    out = transformed(ev, method, setting)
+    return None if out is None else out[1]
 
 
 def pact_energy_removed(ev: TaskEvaluator, method: str, setting: str = "paper") -> float | None:
     """:func:`energy_removed` (kept under its earlier name)."""
     return energy_removed(ev, method, setting)
+
+
+def shares_transform(method: str, setting: str) -> bool:
+    """Whether :func:`setting_delta` may merge the shared :func:`transformed` vectors: a transform
+    is on, nothing is random (the recipe needs no key), and the merger is one function of the task
+    vectors (not DARE-TIES, whose two steps ``make_merge`` builds)."""
+    kw = recipe(method, setting)
+    return bool(SETTINGS[setting]) and method != "dare_ties" and not recipes.needs_key(method, **kw)
+
+
+def setting_delta(ev: TaskEvaluator, method: str, setting: str) -> PyTree:
+    """The merged delta of ``method`` under ``setting``: :func:`merged_delta` (the recipe), computed
+    from the shared filtered task vectors where :func:`shares_transform` allows. That is the
+    recipe's own chain, ``transform -> merger`` with the same keywords and rules, with the
+    transform's output computed once per setting (tested equal to :func:`merged_delta`)."""
+    if not shares_transform(method, setting):
+        return merged_delta(ev, method, setting)
+    cleaned, _ = transformed(ev, method, setting)
+    merger = functools.partial(pact_jax.merges.MERGERS[method], **METHOD_KWARGS.get(method, {}))
+
+    def filtered(stacked):  # the transform step, its output already computed
+        return cleaned
+
+    merge = pact_jax.chain(filtered, merger, rules=ev.rules)
+    return jax.block_until_ready(merge.delta(ev.pre, ev.fts))
 
 
 def choose_alpha(ev: TaskEvaluator, delta: PyTree, plan: AlphaPlan, chunk: int = CHUNK) -> dict[str, Any]:
@@ -351,21 +407,21 @@ def choose_alpha(ev: TaskEvaluator, delta: PyTree, plan: AlphaPlan, chunk: int =
 
 
 def evaluate_setting(
-    ev: TaskEvaluator, method: str, setting: str, points: int = GRID_POINTS, chunk: int = CHUNK, test: bool = True
+    ev: TaskEvaluator, method: str, setting: str, protocol: AlphaProtocol = AlphaProtocol(), test: bool = True
 ) -> dict[str, Any]:
     """Merge once, choose alpha on validation (:func:`alpha_plan`, :func:`choose_alpha`), report test there."""
     t0 = time.perf_counter()
-    delta = merged_delta(ev, method, setting)
+    delta = setting_delta(ev, method, setting)
     merge_s = time.perf_counter() - t0
-    plan = alpha_plan(method, setting, ev.t, points)
+    plan = alpha_plan(method, setting, ev.t, protocol.points, protocol.full_points)
     t0 = time.perf_counter()
-    if plan.grid == (FIXED_ALPHA.get(method),):
+    if method in FIXED_ALPHA:
         scores = ev.val_scores(ev.sweep_tasks(delta, plan.grid)[0])
         out = {"alpha": plan.grid[0], "val_mean": scores["mean"], "val_normalized": scores["normalized"],
                "grid": plan.describe(), "widened_to": None, "at_end": None, "stopped_early": False,
                "curve": {"alpha": list(plan.grid), "val_mean": [scores["mean"]], "val_normalized": [scores["normalized"]]}}
     else:
-        out = choose_alpha(ev, delta, plan, chunk)
+        out = choose_alpha(ev, delta, plan, protocol.chunk)
     out.update(setting=setting, merge_s=merge_s, search_s=time.perf_counter() - t0)
     if test:
         acc = ev.test_acc(delta, out["alpha"])
@@ -377,7 +433,7 @@ def evaluate_setting(
 
 def evaluate_methods(
     ev: TaskEvaluator, methods: Sequence[str], settings: Sequence[str], log: Callable[[str], None],
-    points: int = GRID_POINTS, chunk: int = CHUNK,
+    protocol: AlphaProtocol = AlphaProtocol(),
 ) -> dict[str, Any]:
     """Baselines and every (method, setting) on one evaluator: one ``per_T[t][seed]`` entry."""
     res: dict[str, Any] = {
@@ -390,10 +446,13 @@ def evaluate_methods(
         },
         "methods": {},
     }
-    for method in methods:
-        res["methods"][method] = {}
-        for setting in settings_for(method, settings):
-            r = evaluate_setting(ev, method, setting, points, chunk)
+    # Rows stay method by method; the work goes setting by setting, so each transform runs once.
+    res["methods"] = {m: dict.fromkeys(settings_for(m, settings)) for m in methods}
+    for setting in SETTINGS:
+        for method in methods:
+            if setting not in res["methods"][method]:
+                continue
+            r = evaluate_setting(ev, method, setting, protocol)
             res["methods"][method][setting] = r
             e = r["energy_removed"]
             log(
@@ -404,17 +463,17 @@ def evaluate_methods(
                 + ("" if e is None else f", removes {100 * e:.1f}% of ||tau||^2")
                 + f"  [{r['merge_s']:.1f} s merge, {r['search_s']:.1f} s alpha]"
             )
+    ev.__dict__.pop("_transformed", None)
     return res
 
 
 def evaluate_zoo(
     cfg: QualityConfig, zoo: zoo_mod.Zoo, data, seed: int, t: int, log: Callable[[str], None]
 ) -> dict[str, Any]:
-    return evaluate_methods(Evaluator(cfg.zoo, zoo, data, t, seed), cfg.methods, cfg.settings, log,
-                            cfg.grid_points, cfg.chunk)
+    return evaluate_methods(Evaluator(cfg.zoo, zoo, data, t, seed), cfg.methods, cfg.settings, log, cfg.alpha)
 
 
-def protocol_config(cfg_methods: Sequence[str], settings: Sequence[str], points: int, chunk: int,
+def protocol_config(cfg_methods: Sequence[str], settings: Sequence[str], protocol: AlphaProtocol,
                     task_counts: Sequence[int]) -> dict[str, Any]:
     """What the report states about the settings and the alpha protocol (JSON ``config`` entries)."""
     return {
@@ -423,9 +482,11 @@ def protocol_config(cfg_methods: Sequence[str], settings: Sequence[str], points:
         "recipes": {s: dict(SETTINGS[s]) for s in settings},
         "plan": {m: list(settings_for(m, settings)) for m in cfg_methods},
         "alpha_protocol": {
-            "points": points, "patience": PATIENCE, "chunk": chunk, "stop_on": "validation mean accuracy",
+            "points": protocol.points, "full_points": protocol.full_points or protocol.points,
+            "patience": PATIENCE, "chunk": protocol.chunk, "stop_on": "validation mean accuracy",
             "select_by": "validation normalised accuracy", "widen": "x2 when the best is the grid's top",
-            "grids": {str(t): {m: {s: alpha_plan(m, s, t, points).describe() for s in settings_for(m, settings)}
+            "grids": {str(t): {m: {s: alpha_plan(m, s, t, protocol.points, protocol.full_points).describe()
+                                   for s in settings_for(m, settings)}
                                for m in cfg_methods} for t in task_counts},
         },
         "method_kwargs": {k: dict(v) for k, v in METHOD_KWARGS.items()},
@@ -509,7 +570,7 @@ def run(cfg: QualityConfig, cache: Path | None = None, log: Callable[[str], None
         "machine": machine(),
         "config": {
             "seeds": list(cfg.seeds), "task_counts": list(cfg.task_counts), "methods": list(cfg.methods),
-            **protocol_config(cfg.methods, cfg.settings, cfg.grid_points, cfg.chunk, cfg.task_counts),
+            **protocol_config(cfg.methods, cfg.settings, cfg.alpha, cfg.task_counts),
             "zoo": dataclasses.asdict(cfg.zoo), "zoo_digest": cfg.zoo.digest(),
         },
         "tasks": [{"name": t.name, "classes": t.num_classes, "analogue": t.analogue, "pretrain_bit": t.pretrain_bit}
@@ -542,19 +603,26 @@ def add_protocol_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--settings", nargs="+", default=None, choices=list(SETTINGS),
                    help="settings besides 'none', where they apply to a method (default: all)")
     p.add_argument("--points", type=int, default=None,
-                   help=f"points per alpha grid (default {GRID_POINTS}, the authors' linspace(lo, hi, 31)[1:])")
+                   help=f"points per authors' alpha grid (default {GRID_POINTS}: their linspace(lo, hi, 31)[1:])")
+    p.add_argument("--full-points", type=int, default=None,
+                   help="points per whole-grid alpha search (PACT light, TIES, DARE-TIES; default: the suite's)")
 
 
-def protocol_changes(args: argparse.Namespace) -> dict[str, Any]:
+def protocol_changes(args: argparse.Namespace, protocol: AlphaProtocol) -> dict[str, Any]:
+    """The config changes of ``--methods``, ``--settings``, ``--points``, ``--full-points``."""
     changes: dict[str, Any] = {}
     if args.methods:
         changes["methods"] = tuple(args.methods)
     if args.settings:
         changes["settings"] = tuple(dict.fromkeys(("none", *args.settings)))
-    if args.points is not None:
-        if args.points < 1:
-            raise ValueError(f"--points {args.points}: at least 1.")
-        changes["grid_points"] = args.points
+    sizes = {}
+    for name, value in (("points", args.points), ("full_points", args.full_points)):
+        if value is not None:
+            if value < 1:
+                raise ValueError(f"--{name.replace('_', '-')} {value}: at least 1.")
+            sizes[name] = value
+    if sizes:
+        changes["alpha"] = dataclasses.replace(protocol, **sizes)
     return changes
 
 
@@ -572,7 +640,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def config_from_args(args: argparse.Namespace) -> QualityConfig:
     cfg = QUICK if args.quick else QualityConfig()
-    changes = protocol_changes(args)
+    changes = protocol_changes(args, cfg.alpha)
     if args.tasks:
         bad = [t for t in args.tasks if not 1 <= t <= cfg.zoo.num_tasks]
         if bad:

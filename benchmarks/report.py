@@ -185,11 +185,14 @@ def protocol_lines(results: Mapping[str, Any]) -> list[str]:
         f"alpha = {cfg['fixed_alpha'].get('average', 1.0)} (the mean model).",
         "",
         f"Alpha, chosen on the validation split (`pact_jax.alpha`): the authors' protocol where they give a range "
-        f"(`linspace(lo, hi, {ap['points'] + 1})[1:]` walked upwards, stop after {ap['patience']} points without a "
+        f"(`linspace(lo, hi, {ap['points'] + 1})[1:]`"
+        + ("" if ap["points"] == 30 else " (the authors use `linspace(lo, hi, 31)[1:]`; a coarser grid here, for time)")
+        + f" walked upwards, stop after {ap['patience']} points without a "
         f"better {ap['stop_on']}, best by {ap['select_by']}; the authors' PACT-TA and SIFT-TA ranges scale the "
         "task mean and are divided by T here, where task arithmetic sums). † no authors' range for that "
         "(method, transform): the authors' PACT range of the method is used. ‡ no authors' range at all (PACT "
-        "light, TIES, DARE-TIES): the whole grid on the range shown, chosen here, best by the same criterion. "
+        f"light, TIES, DARE-TIES): the whole grid ({ap.get('full_points', ap['points'])} points) on the range shown, "
+        "chosen here, best by the same criterion. "
         "Every setting whose best alpha was the grid's top value had its grid widened to twice that value (same "
         "number of points, all walked); the column 'α at grid end' marks per seed w = widened, h = best at the "
         "top of the (widened) grid, l = best at its first point, – = inside. The test split is evaluated at the "

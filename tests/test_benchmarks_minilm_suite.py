@@ -149,7 +149,7 @@ def test_tiny_pipeline_end_to_end(tmp_path, capsys, transforms):
             accs.append(r["per_task"])
             assert len(r["per_task"]) == 2
             check_record(r, per_seed, ft)
-            assert r["grid"] == quality.alpha_plan(method, setting, 2, cfg.grid_points).describe()
+            assert r["grid"] == quality.alpha_plan(method, setting, 2, cfg.alpha.points, cfg.alpha.full_points).describe()
             assert (r["energy_removed"] is None) == (setting == "none")
     accs = np.asarray(accs)
     # accuracies on 32 test sentences: multiples of 1/32 in [0, 1]

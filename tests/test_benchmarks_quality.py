@@ -177,7 +177,7 @@ def test_quick_pipeline_end_to_end(tmp_path, capsys, transforms):
         for setting, r in by_setting.items():
             accs.append(r["per_task"])
             check_record(r, per_seed, ft)
-            plan = quality.alpha_plan(method, setting, 4, quality.QUICK.grid_points)
+            plan = quality.alpha_plan(method, setting, 4, quality.QUICK.alpha.points, quality.QUICK.alpha.full_points)
             assert r["grid"] == plan.describe()
             if setting == "none":
                 assert r["energy_removed"] is None
@@ -200,8 +200,42 @@ def test_quick_pipeline_end_to_end(tmp_path, capsys, transforms):
 
 
 def test_cli_settings_and_points():
-    args = quality.build_parser().parse_args(["--settings", "sift", "--points", "10", "--methods", "tsv"])
+    args = quality.build_parser().parse_args(["--settings", "sift", "--points", "10", "--methods", "tsv",
+                                              "--full-points", "12"])
     cfg = quality.config_from_args(args)
-    assert cfg.settings == ("none", "sift") and cfg.grid_points == 10 and cfg.methods == ("tsv",)
+    assert cfg.settings == ("none", "sift") and cfg.methods == ("tsv",)
+    assert cfg.alpha == quality.AlphaProtocol(points=10, full_points=12, chunk=quality.CHUNK)
+    assert len(quality.alpha_plan("tsv", "light", 4, 10, 12).grid) == 12
+    assert len(quality.alpha_plan("tsv", "none", 4, 10, 12).grid) == 10
     with pytest.raises(SystemExit):
         quality.main(["--points", "0"])
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_shared_transform_deltas_equal_the_recipes(tiny_models, transforms):
+    """setting_delta (each transform run once per setting) gives make_merge's delta, and the energy is right."""
+    import types
+
+    import jax
+
+    import pact_jax
+
+    pre, fts = tiny_models
+    ev = types.SimpleNamespace(pre=pre, fts=fts, rules=pact_jax.DEFAULT_RULES, seed=0, t=len(fts))
+    leaves = lambda tree: [np.asarray(x, np.float64).reshape(len(fts), -1) for x in jax.tree_util.tree_leaves(tree)]
+    for setting, methods in (("light", ("task_arithmetic", "iso_cts")), ("sift", ("tsv",)), ("scalar", ("ties",))):
+        for method in methods:
+            want = quality.merged_delta(ev, method, setting)
+            got = quality.setting_delta(ev, method, setting)
+            for a, b in zip(jax.tree_util.tree_leaves(want), jax.tree_util.tree_leaves(got)):
+                np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-6,
+                                           err_msg=f"{method} {setting}")
+            cleaned, energy = quality.transformed(ev, method, setting)
+            tau = leaves(pact_jax.task_vectors(pre, fts))
+            removed = sum(np.sum((x - y) ** 2, axis=1) for x, y in zip(tau, leaves(cleaned)))
+            assert energy == pytest.approx(float(np.mean(removed / sum(np.sum(x**2, axis=1) for x in tau))))
+            assert 0.0 < energy < 1.0, (method, setting)
+    shared = [(m, s) for m in quality.METHODS for s in quality.settings_for(m) if quality.shares_transform(m, s)]
+    assert len(shared) == 4 * 4 + 1  # TA / TSV-M / Iso-C / Iso-CTS x 4 subspace settings, TIES + scalar PACT
+    assert ("dare_ties", "scalar") not in shared and ("tsv", "none") not in shared
+    assert quality.energy_removed(ev, "tsv", "none") is None
