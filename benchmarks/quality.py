@@ -35,6 +35,13 @@ chosen on the validation split (:func:`alpha_plan`):
 The test split is evaluated at the chosen alpha only. Task ``t`` is always
 evaluated with its own fine-tuned head (heads are not merged).
 
+Cost: the transform of a setting gives the same filtered task vectors
+whatever merger follows, so it runs once per (seed, T, setting) and each
+merger is applied to its output (:func:`setting_delta`; the recipe's own
+chain, tested equal to ``make_merge``'s delta); the share of ``||tau||^2``
+it removes comes from the same run. Alphas are evaluated
+:attr:`AlphaProtocol.chunk` at a time in one jitted sweep.
+
 Baselines: each fine-tuned model on its own task, and the pre-trained encoder
 with each task's linear-probe head (trained on the frozen pre-trained
 encoder before fine-tuning; the "zero-shot" row).
@@ -416,7 +423,7 @@ def evaluate_setting(
     plan = alpha_plan(method, setting, ev.t, protocol.points, protocol.full_points)
     t0 = time.perf_counter()
     if method in FIXED_ALPHA:
-        scores = ev.val_scores(ev.sweep_tasks(delta, plan.grid)[0])
+        scores = ev.val_scores(ev.sweep_tasks(delta, plan.grid * protocol.chunk)[0])  # the sweep's one shape
         out = {"alpha": plan.grid[0], "val_mean": scores["mean"], "val_normalized": scores["normalized"],
                "grid": plan.describe(), "widened_to": None, "at_end": None, "stopped_early": False,
                "curve": {"alpha": list(plan.grid), "val_mean": [scores["mean"]], "val_normalized": [scores["normalized"]]}}
@@ -444,10 +451,9 @@ def evaluate_methods(
             "mean": float(ev.pretrained.mean()),
             "normalized": float(np.mean(ev.pretrained / ev.finetuned)),
         },
-        "methods": {},
+        # Rows stay method by method; the work goes setting by setting, so each transform runs once.
+        "methods": {m: dict.fromkeys(settings_for(m, settings)) for m in methods},
     }
-    # Rows stay method by method; the work goes setting by setting, so each transform runs once.
-    res["methods"] = {m: dict.fromkeys(settings_for(m, settings)) for m in methods}
     for setting in SETTINGS:
         for method in methods:
             if setting not in res["methods"][method]:

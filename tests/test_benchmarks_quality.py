@@ -239,3 +239,59 @@ def test_shared_transform_deltas_equal_the_recipes(tiny_models, transforms):
     assert len(shared) == 4 * 4 + 1  # TA / TSV-M / Iso-C / Iso-CTS x 4 subspace settings, TIES + scalar PACT
     assert ("dare_ties", "scalar") not in shared and ("tsv", "none") not in shared
     assert quality.energy_removed(ev, "tsv", "none") is None
+
+
+def synthetic_results(n_seeds=3):
+    """A results dict of two methods over seeds, as the suites write it (no computation)."""
+    from benchmarks import report  # noqa: F401
+
+    rng = np.random.default_rng(0)
+
+    def rec(setting, acc, alpha, at_end=None, widened=None, energy=None):
+        per_task = [acc + 0.01 * rng.standard_normal() for _ in range(2)]
+        return {"setting": setting, "alpha": alpha, "val_mean": acc, "val_normalized": acc / 0.9,
+                "grid": {"lo": 0.0, "hi": 5.0, "points": 30, "patience": 3, "source": "authors' range for tsv"},
+                "widened_to": widened, "at_end": at_end, "stopped_early": True,
+                "curve": {"alpha": [alpha], "val_mean": [acc], "val_normalized": [acc / 0.9]},
+                "per_task": per_task, "mean": float(np.mean(per_task)), "normalized": float(np.mean(per_task)) / 0.9,
+                "energy_removed": energy, "merge_s": 0.0, "search_s": 0.0}
+
+    per_seed = {}
+    for s in range(n_seeds):
+        per_seed[str(s)] = {
+            "finetuned": {"per_task": [0.9, 0.9], "mean": 0.9, "normalized": 1.0},
+            "pretrained": {"per_task": [0.5, 0.5], "mean": 0.5, "normalized": 0.5 / 0.9},
+            "methods": {
+                "tsv": {"none": rec("none", 0.70, 2.0), "paper": rec("paper", 0.80, 1.5, energy=0.5),
+                        "release": rec("release", 0.55, 1.0, at_end="low", energy=0.9995),
+                        "light": rec("light", 0.70 + 0.01 * (s - 1), 10.0, at_end="high", widened=10.0, energy=0.01)},
+                "ties": {"none": rec("ties", 0.6, 1.0), "scalar": rec("scalar", 0.6, 1.0, energy=0.1)},
+            },
+        }
+    return {
+        "config": {"setting_labels": dict(quality.SETTING_LABELS)},
+        "tasks": [{"name": "a"}, {"name": "b"}],
+        "per_T": {"2": per_seed},
+        "bars": [{"bar": "x (T=2)", "value": "1", "holds": True}],
+    }
+
+
+def test_report_reading_and_tables_on_several_seeds(tmp_path):
+    from benchmarks import report
+
+    res = synthetic_results()
+    text = "\n".join(report.reading(res))
+    assert "Clear gains" in text and "tsv + PACT (paper default)" in text.split("clear losses")[0]
+    losses = text.split("clear losses: ")[1].split(";")[0]
+    assert "tsv + PACT (as released)" in losses and "light" not in losses
+    assert "tsv + PACT light at T = 2 (top of the grid, widened for 3 of 3 seeds)" in text
+    assert "tsv + PACT (as released) at T = 2 (first grid point for 3 of 3 seeds)" in text
+    assert "99.95%" in text
+    rows = {(r[0], r[1]): r for r in report.summary_rows(res, "2")}
+    paper = rows[("tsv", "PACT (paper default)")]
+    assert abs(float(paper[4].split()[0]) - 10.0) < 2.0 and "±" in paper[4] and paper[9] == "50.0%"
+    assert rows[("tsv", "PACT light")][7] == "wh/wh/wh" and rows[("tsv", "none")][7] == "–/–/–"
+    assert rows[("tsv", "none")][4] == "" and rows[("tsv", "none")][9] == ""
+    one = synthetic_results(1)
+    assert "no verdict" in "\n".join(report.reading(one))
+    assert report.plot(res, tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
