@@ -8,7 +8,7 @@
   energy is kept.
 * With torch (``bench`` extra): ``python -m benchmarks.pact_speed --tiny`` end
   to end; pact_jax agrees with the PyTorch transcription of the authors' loop
-  with the fix (filtered and merged, <= 1e-3), removes the same energy, and the
+  with the fix (filtered <= 1e-3, merged <= 5e-3), removes the same energy, and the
   release's QR switch zeroes every task vector whose ``(T-1)K > d_in``.
 """
 
@@ -64,7 +64,10 @@ def test_cli_tiny_agrees_with_torch(tmp_path):
     assert (tmp_path / "pact_speed.md").read_text().startswith("# PACT")
     exact = res["rows"]["pact_jax exact"]
     assert exact["vs_torch"]["filtered"] <= 1e-3
-    assert exact["vs_torch"]["merged"] <= 1e-3
+    # TSV-M after PACT takes the polar factor of a rank-deficient concatenation (every filtered
+    # task lives outside V0K, so the stacked V's have rank <= d_in - K): float32 rounding picks
+    # part of it (1.8e-2 at full size; 3.7e-4 here), so the merged check is looser than the filter's.
+    assert exact["vs_torch"]["merged"] <= 5e-3
     for name, e in res["energy"].items():
         np.testing.assert_allclose(e["pact_jax exact"], e["torch"], atol=1e-3, err_msg=name)
         _, d_in = e["shape"]
