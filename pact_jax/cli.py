@@ -385,7 +385,7 @@ def run_merge(cfg: dict[str, Any]) -> int:
         progress=progress,
         mesh=mesh,
     )
-    alpha = cfg.get("alpha", recipes.default_alpha(cfg["method"], transform))
+    alpha = cfg.get("alpha", recipes.default_alpha(cfg["method"], transform, cfg.get("pact_preset")))
     notes = [f"preset {cfg['pact_preset']}"] if cfg.get("pact_preset") else []
     if paths is not None:
         notes.append(f"on {len(paths)} matri{'x' if len(paths) == 1 else 'ces'}")

@@ -306,10 +306,10 @@ def test_sift_chain_equals_python_api(tmp_path, capsys, tiny_checkpoints, spy):
     code, out, err = run(capsys, *merge_args(pre_dir, ft_dirs, tmp_path / "out", "--method", "task_arithmetic",
                                              "--sift", "--sift-arg", "pretrained_rank=0.5"))  # fmt: skip
     assert code == 0, err
-    assert "task_arithmetic + SIFT (on 6 matrices), alpha 0.3" in out
+    assert "task_arithmetic + SIFT (on 6 matrices), alpha 0.6" in out
     assert not spy["pact"] and [c["pretrained_rank"] for c in spy["sift"]] == [0.5]
     real_sift = pact_jax.sift.__wrapped__
-    want = pact_jax.chain(functools.partial(real_sift, pretrained_rank=0.5), merges.task_arithmetic, alpha=0.3)(pre, fts)
+    want = pact_jax.chain(functools.partial(real_sift, pretrained_rank=0.5), merges.task_arithmetic, alpha=0.6)(pre, fts)
     got = io.load(tmp_path / "out")
     assert_params_close(got, want)
     plain = recipes.make_merge("task_arithmetic")(pre, fts)

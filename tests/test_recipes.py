@@ -68,12 +68,16 @@ def test_sift_recipe_is_the_sift_chain_and_svd_reaches_it(tiny_models):
 
 def test_default_alpha_per_method_and_transform():
     for method in recipes.METHODS:
-        for transform in recipes.TRANSFORMS:
-            assert recipes.default_alpha(method, transform) == recipes.DEFAULT_ALPHA[method]
+        assert recipes.default_alpha(method) == recipes.DEFAULT_ALPHA[method]
+        for transform in ("pact", "sift"):
+            # the subspace transforms remove most of tau: twice the alpha; the scalar PACT keeps it
+            factor = 1.0 if method in recipes.SCALAR_METHODS else 2.0
+            assert recipes.default_alpha(method, transform) == factor * recipes.DEFAULT_ALPHA[method]
+        assert recipes.default_alpha(method, "pact", "light") == recipes.DEFAULT_ALPHA[method]
     with pytest.raises(ValueError, match="unknown transform"):
         recipes.default_alpha("tsv", "pcat")
     merge = recipes.make_merge("task_arithmetic", use_sift=True)
-    assert "alpha=0.3" in merge.__doc__
+    assert "alpha=0.6" in merge.__doc__
 
 
 def test_budget_resolves_layer_ratio_over_the_whole_model(tiny_models, monkeypatch):
