@@ -79,10 +79,12 @@ SCALAR = dict(perspective="scalar", weight_fraction=0.1, anchor_fraction=0.5, st
 
 RECIPES: dict[str, Recipe] = {
     "pact_tsv": Recipe("pact_tsv", "tsv", SUBSPACE, {}),
-    "pact_iso_cts": Recipe("pact_iso_cts", "iso_cts", SUBSPACE, {"common_fraction": 0.8}),
+    # The baselines take Iso-CTS's common subspace on the matrix view's left (the input side of a
+    # Flax kernel), pact_jax's default before issue 18: pinned so both sides compute the same.
+    "pact_iso_cts": Recipe("pact_iso_cts", "iso_cts", SUBSPACE, {"common_fraction": 0.8, "common_side": "input"}),
     "pact_ties": Recipe("pact_ties", "ties", SCALAR, {"density": 0.2}),
 }
-"""The benchmarked recipes (pact_jax's defaults, written out)."""
+"""The benchmarked recipes: PACT's `light` preset (pact_jax's defaults when issue 6 measured them), written out."""
 
 
 # --------------------------------------------------------------------------
@@ -109,10 +111,10 @@ def matrix_shape(path: str, shape: tuple[int, ...]) -> tuple[int, int]:
 
 
 def resolve_rank(value: float | int, m: int, n: int) -> int:
-    """An int is a rank; a float a fraction of ``min(m, n)``, rounded, at least 1."""
+    """An int is a rank; a float a fraction of ``min(m, n)``, floored (as pact_jax and the PACT authors), at least 1."""
     if isinstance(value, int):
         return value
-    return max(1, int(round(value * min(m, n))))
+    return max(1, int(math.floor(value * min(m, n) + 1e-9)))
 
 
 def tsv_rank(m: int, n: int, t: int) -> int:
@@ -164,7 +166,7 @@ def np_pact_subspace(w0, tau, p, svd, rng):
             out[s] = tau[s]
             continue
         b, sv, _ = np.linalg.svd(cols, full_matrices=False)
-        b = b[:, sv > p["span_tol"]]
+        b = b[:, sv > p["span_tol"] * sv[0]]  # relative, as pact_jax
         out[s] = tau[s] - p["strength"] * (b @ (b.T @ tau[s]))
     return out
 
@@ -323,7 +325,7 @@ def torch_pact_subspace(w0, tau, p, svd, gen):
             out[s] = tau[s]
             continue
         b, sv, _ = torch.linalg.svd(cols, full_matrices=False)
-        b = b[:, sv > p["span_tol"]]
+        b = b[:, sv > p["span_tol"] * sv[0]]  # relative, as pact_jax
         out[s] = tau[s] - p["strength"] * (b @ (b.T @ tau[s]))
     return out
 
