@@ -15,7 +15,6 @@ Projectors, not bases, are compared.
 from __future__ import annotations
 
 import functools
-import sys
 
 import chex
 import flax.linen as nn
