@@ -362,7 +362,9 @@ def test_scope_resolves_to_the_same_paths_with_and_without_budget(tmp_path, caps
     assert len(streamed) > 3 and all(c["paths"] == want for c in streamed)  # every group: the whole model's scope
     assert_params_close(io.load(tmp_path / "streamed"), io.load(tmp_path / "whole"))
     # Matrices out of scope are merged as without PACT; those in scope are filtered.
-    got, plain = io.flatten(io.load(tmp_path / "whole")), io.flatten(recipes.make_merge("task_arithmetic")(pre, fts))
+    # leaves outside the scope: merged as without PACT, at --pact's default alpha
+    plain_merge = recipes.make_merge("task_arithmetic", alpha=recipes.default_alpha("task_arithmetic", "pact"))
+    got, plain = io.flatten(io.load(tmp_path / "whole")), io.flatten(plain_merge(pre, fts))
     for p in ("params/query/kernel", "params/out/kernel", "params/head/kernel"):
         np.testing.assert_allclose(np.asarray(got[p]), np.asarray(plain[p]), rtol=1e-5, atol=1e-6, err_msg=p)
     assert np.abs(np.asarray(got["params/dense_1/kernel"]) - np.asarray(plain["params/dense_1/kernel"])).max() > 1e-3
