@@ -87,10 +87,11 @@ def test_budget_resolves_layer_ratio_over_the_whole_model(tiny_models, monkeypat
     whole = recipes.make_merge("task_arithmetic", use_pact=True, **kw)(pre, fts)
     grouped = recipes.make_merge("task_arithmetic", use_pact=True, budget_bytes=1, **kw)
     chex.assert_trees_all_close(grouped(pre, fts), whole, atol=1e-6)
-    chex.assert_trees_all_close(pact_jax.apply_delta(pre, grouped.delta(pre, fts), 0.3), whole, atol=1e-6)
+    alpha = recipes.default_alpha("task_arithmetic", "pact")
+    chex.assert_trees_all_close(pact_jax.apply_delta(pre, grouped.delta(pre, fts), alpha), whole, atol=1e-6)
     # Without the resolution every one-leaf group would keep round(0.5 * 1) = 0 or 1 matrices: different.
     naive = pact_jax.chain(functools.partial(pact_jax.pact, **kw["pact_kwargs"]), merges.task_arithmetic,
-                           alpha=0.3, budget_bytes=1)(pre, fts)  # fmt: skip
+                           alpha=alpha, budget_bytes=1)(pre, fts)  # fmt: skip
     with pytest.raises(AssertionError):
         chex.assert_trees_all_close(naive, whole, atol=1e-6)
     # shapes= resolves now into paths=, for callers that merge parts of the tree (streaming).
