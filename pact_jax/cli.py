@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import sys
 import time
 import traceback
@@ -277,14 +276,13 @@ def _check_transform(cfg: dict[str, Any], recipes) -> None:
     ratio = cfg.get("pact_layer_ratio")
     if ratio is not None and not 0 < ratio <= 1:
         raise UsageError(f"--pact-layer-ratio must lie in (0, 1], got {ratio}")
+    from pact_jax import scope  # the one check of the scope regexes (the API's)
+
     for key in ("pact_include", "pact_exclude"):
-        for pattern in cfg.get(key) or ():
-            if not isinstance(pattern, str):
-                raise UsageError(f"{_flag(key)} ({key}) takes regular expressions, got {pattern!r}")
-            try:
-                re.compile(pattern)
-            except re.error as e:
-                raise UsageError(f"{_flag(key)} {pattern!r} is not a regular expression: {e}") from e
+        try:
+            scope.patterns(cfg.get(key), _flag(key))
+        except ValueError as e:
+            raise UsageError(str(e)) from e
 
 
 def _scope_kwargs(cfg: dict[str, Any]) -> dict[str, Any]:

@@ -43,7 +43,9 @@ DEFAULT_EXCLUDE: tuple[str, ...] = ("text_projection",)
 Patterns = str | Sequence[str] | None
 
 
-def _patterns(value: Patterns, name: str) -> tuple[str, ...]:
+def patterns(value: Patterns, name: str) -> tuple[str, ...]:
+    """``value`` as a tuple of regular expressions; ``ValueError`` naming ``name`` (a keyword or a flag)
+    when one is not a string or does not compile."""
     if value is None:
         return ()
     items = (value,) if isinstance(value, str) else tuple(value)
@@ -53,7 +55,7 @@ def _patterns(value: Patterns, name: str) -> tuple[str, ...]:
         try:
             re.compile(p)
         except re.error as e:
-            raise ValueError(f"{name}: {p!r} is not a valid regular expression ({e}).") from e
+            raise ValueError(f"{name} {p!r} is not a regular expression: {e}") from e
     return items
 
 
@@ -63,8 +65,8 @@ def natural_key(path: str) -> list[Any]:
 
 
 def check_scope(include: Patterns, exclude: Patterns, layer_ratio: float) -> None:
-    _patterns(include, "include")
-    _patterns(exclude, "exclude")
+    patterns(include, "include")
+    patterns(exclude, "exclude")
     if isinstance(layer_ratio, bool) or not isinstance(layer_ratio, (int, float)) or not 0 <= layer_ratio <= 1:
         raise ValueError(f"layer_ratio must lie in [0, 1], got {layer_ratio!r}.")
 
@@ -91,7 +93,7 @@ def select_matrices(
         remaining matrices in model order (the authors' ``pact_layer_ratio``).
     """
     check_scope(include, exclude, layer_ratio)
-    inc, exc = _patterns(include, "include"), _patterns(exclude, "exclude")
+    inc, exc = patterns(include, "include"), patterns(exclude, "exclude")
     paths = [
         p for p, s in shapes.items()
         if rules.kind(p, tuple(s)) == "matrix" and (not only_2d or len(s) == 2)
