@@ -28,8 +28,10 @@ own head); the design is :mod:`benchmarks.minilm_suite`'s, for images:
 * Per task and seed: a linear probe on the frozen pre-trained CLS features
   (the "zero-shot" baseline's head), then fine-tuning of the top layers with
   that head fixed (:func:`benchmarks.topzoo.make_trainer`: Adam, warm-up +
-  cosine). Sized so that one seed's zoo builds in about 5 minutes on 2 CPU
-  cores (150 steps of batch 64 per task, up to 2000 training images).
+  cosine): 150 steps of batch 64 per task, up to 2000 training images.
+  Measured (seed 0, 2 cores shared with other jobs, load average ~15): the
+  frozen-bottom tokens of every split 140 s once per run, fine-tuning ~100 s
+  per task (~500 s per seed; about half that on an idle machine).
 
 Merge rules (:func:`merge_rules`): Dense kernels of the trained layers are
 matrices; their biases, LayerNorms and layer scales (and the final LayerNorm)
@@ -39,10 +41,13 @@ follow each method's non-matrix rule; the embeddings and the frozen layers are
 Alpha grids: 10 points per authors' grid and per whole-grid search
 (``AlphaProtocol(10, 10)``, as the MiniLM suite), not the authors' 30: one
 validation evaluation of a merged model (5 tasks x 100 images through 4
-layers) costs ~2 s on this shared 2-core machine and each seed runs ~21
-(method, setting) searches plus the test evaluations, so 30-point grids
-(and their x2 widening) would push 3 seeds well past an hour; with 10 points
-the whole run (zoo builds + evaluation) stays near 40 minutes.
+layers) measured 1.6 s on this shared 2-core machine (a chunk of 3 alphas
+~5 s), and each seed runs 21 (method, setting) searches (4-10 points each
+with 10-point grids) plus their merges and test evaluations: 630 s per seed
+measured with 10 points. 30-point whole grids (light, TIES, DARE-TIES: 10
+searches) and the longer authors' walks would add ~10 minutes per seed, so 3
+seeds would pass 1.5 hours; with 10 points the whole run is ~40 minutes on
+an idle machine (~1 hour measured under the load above).
 ``--points 30 --full-points 30`` runs the authors' grids.
 
 Checkpoints: ``<cache>/<config hash>/seed<s>/`` (:func:`benchmarks.topzoo.cached_seed`),
