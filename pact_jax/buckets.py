@@ -24,6 +24,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pact_jax import linalg
+
 # Peak bytes of merging a group of leaves / bytes of its float32 stacked task
 # vectors (the fine-tuned leaves as read, the task vectors, the transform's
 # output, the SVD workspace). Sampled RSS, T=8, 16 leaves of 128x128, after a
@@ -71,15 +73,24 @@ def _task_arg_flags(kernel: Kernel, n: int) -> list[bool]:
 _BATCHED: dict[tuple[Kernel, tuple], Callable[..., Any]] = {}
 
 
-def batched_kernel(kernel: Kernel, static: tuple[tuple[str, Hashable], ...]) -> Callable[..., Any]:
+def batched_kernel(kernel: Kernel, static: tuple[tuple[str, Hashable], ...], robust: bool = False) -> Callable[..., Any]:
     """``jax.jit(jax.vmap(kernel))`` with ``static`` keyword arguments bound.
 
-    Cached on ``(kernel, static)``: pass module-level kernels so that repeated
-    merges reuse compilations.
+    Cached on ``(kernel, static, robust)``: pass module-level kernels so that
+    repeated merges reuse compilations. ``robust``: traced under
+    :func:`pact_jax.linalg.robust_svd` (LAPACK's slower, convergent SVD).
     """
-    cache_key = (kernel, static)
+    cache_key = (kernel, static) if not robust else (kernel, static + (("__robust_svd", True),))
     if cache_key not in _BATCHED:
-        _BATCHED[cache_key] = jax.jit(jax.vmap(functools.partial(kernel, **dict(static))))
+        vk = jax.vmap(functools.partial(kernel, **dict(static)))
+        if robust:
+            def traced_robust(*args: Any) -> Any:
+                with linalg.robust_svd():  # read while jit traces this function
+                    return vk(*args)
+
+            _BATCHED[cache_key] = jax.jit(traced_robust)
+        else:
+            _BATCHED[cache_key] = jax.jit(vk)
     return _BATCHED[cache_key]
 
 
@@ -126,9 +137,40 @@ def run_bucketed(
         out = batched_kernel(kernel, static_items)(*stacked_args)
         if place is not None:
             out = jax.tree_util.tree_map(lambda o: place(o, False), out)
+        else:
+            out = _retry_non_finite(kernel, static_items, stacked_args, out)
         for j, i in enumerate(members):
             results[i] = jax.tree_util.tree_map(lambda o, j=j: o[j], out)
     return results
+
+
+def _finite_rows(tree: Any, n: int) -> np.ndarray | None:
+    """``(n,)`` whether every float entry of row ``i`` of each array of ``tree`` is finite
+    (``None`` under tracing, where values are unknown)."""
+    ok = np.ones(n, bool)
+    for leaf in jax.tree_util.tree_leaves(tree):
+        if isinstance(leaf, jax.core.Tracer):
+            return None
+        if jnp.issubdtype(jnp.result_type(leaf), jnp.inexact):
+            ok &= np.asarray(jnp.isfinite(jnp.reshape(leaf, (n, -1))).all(axis=1))
+    return ok
+
+
+def _retry_non_finite(kernel: Kernel, static_items: tuple, args: Sequence[Any], out: Any) -> Any:
+    """Recomputes, under :func:`pact_jax.linalg.robust_svd`, the rows of a bucket whose inputs are
+    finite but whose output is not: LAPACK's divide-and-conquer SVD can return NaN silently on
+    rank-deficient input. Eager calls only: under an outer ``jax.jit`` values are unknown here."""
+    n = len(jax.tree_util.tree_leaves(out)[0])
+    out_ok = _finite_rows(out, n)
+    if out_ok is None or out_ok.all():
+        return out
+    in_ok = _finite_rows([a for a in args if a is not None], n)
+    redo = np.flatnonzero(~out_ok & in_ok) if in_ok is not None else np.array([], int)
+    if not len(redo):
+        return out
+    sub = [None if a is None else a[redo] for a in args]
+    fixed = batched_kernel(kernel, static_items, robust=True)(*sub)
+    return jax.tree_util.tree_map(lambda o, f: o.at[redo].set(f), out, fixed)
 
 
 # --------------------------------------------------------------------------

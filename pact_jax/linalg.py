@@ -6,6 +6,9 @@ float32 unless handed float64 input (``jax_enable_x64``).
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+from collections.abc import Iterator
 from typing import Literal, NamedTuple
 
 import jax
@@ -24,6 +27,37 @@ class TruncatedSVD(NamedTuple):
 
 def _compute_dtype(x: jax.Array) -> jnp.dtype:
     return jnp.promote_types(x.dtype, jnp.float32)
+
+
+# Set by `robust_svd`; read by `svd` at trace time.
+_ROBUST: contextvars.ContextVar[bool] = contextvars.ContextVar("pact_jax_robust_svd", default=False)
+
+
+@contextlib.contextmanager
+def robust_svd() -> Iterator[None]:
+    """Functions traced inside take LAPACK's QR-iteration SVD (gesvd) in :func:`svd`.
+
+    The default, divide and conquer (gesdd on CPU), is several times faster
+    but can return NaN without an error: seen on a ``384 x 380`` TSV-M
+    concatenation of PACT-filtered bases (exactly zero columns, repeated
+    singular values), where gesvd converges. ``jax.jit`` caches traces and does
+    not see this context: jit the function separately for it, as
+    :func:`pact_jax.buckets.run_bucketed` does when it retries a bucket whose
+    output is not finite.
+    """
+    token = _ROBUST.set(True)
+    try:
+        yield
+    finally:
+        _ROBUST.reset(token)
+
+
+def svd(x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Thin SVD ``x (..., m, n) = u diag(s) vh``: ``jnp.linalg.svd``, or gesvd under :func:`robust_svd`."""
+    if _ROBUST.get():
+        u, s, vh = jax.lax.linalg.svd(x, full_matrices=False, algorithm=jax.lax.linalg.SvdAlgorithm.QR)
+        return u, s, vh
+    return jnp.linalg.svd(x, full_matrices=False)
 
 
 def check_rank(rank: int, shape: tuple[int, ...], what: str = "rank") -> None:
@@ -74,7 +108,7 @@ def exact_svd(x: jax.Array, rank: int | None = None) -> TruncatedSVD:
         check_rank(rank, x.shape)
     if uses_gram(x.shape, rank):
         return _gram_svd(x, rank)
-    u, s, vh = jnp.linalg.svd(x, full_matrices=False)
+    u, s, vh = svd(x)
     if rank is not None:
         u, s, vh = u[..., :rank], s[..., :rank], vh[..., :rank, :]
     return TruncatedSVD(u, s, vh)
@@ -89,7 +123,7 @@ def _gram_svd(x: jax.Array, rank: int) -> TruncatedSVD:
     width = rank + GRAM_OVERSAMPLE
     _, w = jnp.linalg.eigh(x @ jnp.swapaxes(x, -1, -2))  # ascending eigenvalues
     q = w[..., -width:]  # (m, l); column order is irrelevant to the SVD below
-    ub, s, vh = jnp.linalg.svd(jnp.swapaxes(q, -1, -2) @ x, full_matrices=False)  # (l, l), (l,), (l, n)
+    ub, s, vh = svd(jnp.swapaxes(q, -1, -2) @ x)  # (l, l), (l,), (l, n)
     return TruncatedSVD((q @ ub)[..., :rank], s[..., :rank], vh[..., :rank, :])
 
 
@@ -133,7 +167,7 @@ def randomized_svd(
         w, _ = jnp.linalg.qr(xt @ q)
         q, _ = jnp.linalg.qr(x @ w)
     b = jnp.swapaxes(q, -1, -2) @ x
-    ub, s, vh = jnp.linalg.svd(b, full_matrices=False)
+    ub, s, vh = svd(b)
     u = q @ ub
     return TruncatedSVD(u[..., :rank], s[..., :rank], vh[..., :rank, :])
 
@@ -175,7 +209,7 @@ def polar(x: jax.Array, rtol: float | None = None) -> jax.Array:
         dtype (NumPy's ``matrix_rank`` default).
     """
     x = x.astype(_compute_dtype(x))
-    p, s, qt = jnp.linalg.svd(x, full_matrices=False)
+    p, s, qt = svd(x)
     keep = (
         significant(s, s[..., :1], max(x.shape[-2:])) if rtol is None else s > rtol * s[..., :1]
     )
@@ -201,7 +235,7 @@ def span_basis(x: jax.Array, tol: float) -> tuple[jax.Array, jax.Array]:
     are dropped), so ``basis @ basis^T`` is the orthogonal projector onto the
     span; ``dim (...)`` is the number of kept columns.
     """
-    u, s, _ = jnp.linalg.svd(x.astype(_compute_dtype(x)), full_matrices=False)
+    u, s, _ = svd(x.astype(_compute_dtype(x)))
     keep = s > tol
     return u * keep[..., None, :].astype(u.dtype), keep.sum(-1)
 

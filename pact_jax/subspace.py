@@ -126,7 +126,7 @@ def task_spaces(
 def _orth(x: jax.Array, tol: float) -> tuple[jax.Array, jax.Array]:
     """Orthonormal basis of ``range(x)`` for ``x (..., d, c)`` whose columns have norm <= 1:
     left singular vectors with ``s > tol`` (absolute: the scale is 1), others zeroed; and the mask."""
-    u, s, _ = jnp.linalg.svd(x, full_matrices=False)
+    u, s, _ = linalg.svd(x)
     keep = s > tol
     return _masked_columns(u, keep), keep
 
@@ -195,7 +195,7 @@ def filter_kernel(
     r_blocks = jnp.eye(u_dim, dtype=tau.dtype) - p_y  # (T, u, u)
     weights = _others(t, exclude_self).astype(tau.dtype)  # (receiver j, giver i)
     stacked = (weights[:, :, None, None] * r_blocks[None]).reshape(t, t * u_dim, u_dim)
-    _, sig, zt = jnp.linalg.svd(stacked, full_matrices=False)  # (T, u), (T, u, u)
+    _, sig, zt = linalg.svd(stacked)  # (T, u), (T, u, u)
     # S ⊖ U (core directions orthogonal to every V_t) lies in every R_i: singular value sqrt(n_others).
     dim_s = kept0.sum() + n_keep.sum()
     dim_u = w_keep.sum()
@@ -245,7 +245,7 @@ def release_kernel(
         r = r * nonempty[:, None, None].astype(r.dtype)
         r_keep = jnp.broadcast_to(nonempty[:, None], r.shape[::2])
     else:
-        u, s, _ = jnp.linalg.svd(m_t, full_matrices=False)
+        u, s, _ = linalg.svd(m_t)
         r_keep = s > (tol if align_threshold is None else max(tol, align_threshold))
         r = _masked_columns(u, r_keep)
     pretrained_dims = (jnp.sum(jnp.square(v0k), axis=0) > 0.5).sum()
@@ -262,7 +262,7 @@ def release_kernel(
         p, _ = jnp.linalg.qr(cat)
         protect_dims = jnp.full((t,), p.shape[-1])
     else:
-        u, s, _ = jnp.linalg.svd(cat, full_matrices=False)
+        u, s, _ = linalg.svd(cat)
         keep = s > tol * s[:, :1]
         p = _masked_columns(u, keep)
         protect_dims = keep.sum(-1)
