@@ -29,8 +29,11 @@ chosen on the validation split (:func:`alpha_plan`):
   range chosen here, wide enough to hold the plain and the PACT optimum, for
   ``light``, TIES and DARE-TIES;
 * for every setting, when the best alpha is the grid's largest value, the
-  grid is widened to twice its top (same number of points, all walked) and
-  the record says so.
+  grid is widened to twice its top (same number of points, all walked), and
+  when it is the grid's first value, the same number of points is walked
+  below it, down towards 0 (a method whose best alpha lies below the
+  authors' range would otherwise be compared at the wrong scale, e.g. task
+  arithmetic on the real ViT); the record says so.
 
 The test split is evaluated at the chosen alpha only. Task ``t`` is always
 evaluated with its own fine-tuned head (heads are not merged).
@@ -383,31 +386,41 @@ def setting_delta(ev: TaskEvaluator, method: str, setting: str) -> PyTree:
 def choose_alpha(ev: TaskEvaluator, delta: PyTree, plan: AlphaPlan, chunk: int = CHUNK) -> dict[str, Any]:
     """Walks ``plan`` on the validation split (early stop on the mean accuracy, best by the normalised
     accuracy); when the best is the grid's largest value, walks on to twice that value (the same
-    number of points, no early stop) and takes the best of everything walked."""
+    number of points, no early stop); when it is the grid's first value, walks the same number of
+    points below it, down towards 0 (no early stop). The best of everything walked is taken."""
 
     def evaluate_many(alphas: tuple[float, ...]) -> list[dict[str, float]]:
         padded = tuple(alphas) + (alphas[-1],) * (chunk - len(alphas))  # one compiled shape
         return [ev.val_scores(a) for a in ev.sweep_tasks(delta, padded)[: len(alphas)]]
 
+    def walk(grid: tuple[float, ...]) -> alpha_mod.AlphaSearch:
+        return alpha_mod.search_curve(evaluate_many, grid, patience=None, stop_on="mean", select_by="normalized",
+                                      chunk=chunk)
+
     found = alpha_mod.search_curve(evaluate_many, plan.grid, patience=plan.patience, stop_on="mean",
                                    select_by="normalized", chunk=chunk)
     alphas, metrics = list(found.alphas), list(found.metrics)
-    widened_to = None
-    if found.at_high_end and len(plan.grid) > 1:
+    widened_to = refined_to = None
+    n = len(plan.grid)
+    if found.at_high_end and n > 1:
         hi = plan.grid[-1]
-        ext = tuple(float(a) for a in np.linspace(hi, 2 * hi, len(plan.grid) + 1)[1:])
-        more = alpha_mod.search_curve(evaluate_many, ext, patience=None, stop_on="mean", select_by="normalized",
-                                      chunk=chunk)
+        more = walk(tuple(float(a) for a in np.linspace(hi, 2 * hi, n + 1)[1:]))
         alphas += more.alphas
         metrics += more.metrics
-        widened_to = ext[-1]
+        widened_to = alphas[-1]
+    first = int(np.argmax([m["normalized"] for m in metrics])) == 0
+    if first and n > 1 and plan.grid[0] > 0:
+        lo = plan.grid[0]
+        more = walk(tuple(float(a) for a in np.linspace(0.0, lo, n + 1)[1:-1]))
+        alphas = list(more.alphas) + alphas  # increasing alpha throughout
+        metrics = list(more.metrics) + metrics
+        refined_to = alphas[0]
     norm = [m["normalized"] for m in metrics]
-    best = int(np.argmax(norm))  # the first maximum
-    last = plan.grid[-1] if widened_to is None else widened_to
-    at_end = "high" if alphas[best] == last else "low" if best == 0 else None
+    best = int(np.argmax(norm))  # the first maximum: the smallest alpha among ties
+    at_end = "high" if best == len(alphas) - 1 and found.at_high_end else "low" if best == 0 else None
     return {
         "alpha": alphas[best], "val_mean": metrics[best]["mean"], "val_normalized": metrics[best]["normalized"],
-        "grid": plan.describe(), "widened_to": widened_to, "at_end": at_end,
+        "grid": plan.describe(), "widened_to": widened_to, "refined_to": refined_to, "at_end": at_end,
         "stopped_early": found.stopped_early,
         "curve": {"alpha": alphas, "val_mean": [m["mean"] for m in metrics], "val_normalized": norm},
     }
@@ -465,6 +478,7 @@ def evaluate_methods(
                 f"    T={ev.t} seed {ev.seed} {method:<16} {setting:<8} test {100 * r['mean']:5.1f} "
                 f"(norm {100 * r['normalized']:5.1f}) alpha {r['alpha']:.3g} ({len(r['curve']['alpha'])} tried"
                 + (f", widened to {r['widened_to']:.3g}" if r["widened_to"] else "")
+                + (f", refined down to {r['refined_to']:.3g}" if r.get("refined_to") else "")
                 + (f", best at the {r['at_end']} end" if r["at_end"] else "") + ")"
                 + ("" if e is None else f", removes {100 * e:.1f}% of ||tau||^2")
                 + f"  [{r['merge_s']:.1f} s merge, {r['search_s']:.1f} s alpha]"
@@ -491,6 +505,7 @@ def protocol_config(cfg_methods: Sequence[str], settings: Sequence[str], protoco
             "points": protocol.points, "full_points": protocol.full_points or protocol.points,
             "patience": PATIENCE, "chunk": protocol.chunk, "stop_on": "validation mean accuracy",
             "select_by": "validation normalised accuracy", "widen": "x2 when the best is the grid's top",
+            "refine": "the same number of points below the first when the best is the grid's first point",
             "grids": {str(t): {m: {s: alpha_plan(m, s, t, protocol.points, protocol.full_points).describe()
                                    for s in settings_for(m, settings)}
                                for m in cfg_methods} for t in task_counts},

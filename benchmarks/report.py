@@ -58,11 +58,13 @@ def _grid_cell(r: Mapping[str, Any]) -> str:
 
 
 def _end_cell(seeds, method: str, setting: str) -> str:
-    """Per seed: where the chosen alpha sits (h: top of the grid, l: its first point, w: grid widened)."""
+    """Per seed: where the chosen alpha sits (h: top of the grid, l: its lowest point walked, w: grid
+    widened, r: grid refined below its first point)."""
     marks = []
     for s in seeds:
         r = s["methods"][method][setting]
-        m = ("w" if r.get("widened_to") else "") + {"high": "h", "low": "l"}.get(r.get("at_end"), "")
+        m = ("w" if r.get("widened_to") else "") + ("r" if r.get("refined_to") else "") \
+            + {"high": "h", "low": "l"}.get(r.get("at_end"), "")
         marks.append(m or "–")
     return "/".join(marks)
 
@@ -194,9 +196,10 @@ def protocol_lines(results: Mapping[str, Any]) -> list[str]:
         f"light, TIES, DARE-TIES): the whole grid ({ap.get('full_points', ap['points'])} points) on the range shown, "
         "chosen here, best by the same criterion. "
         "Every setting whose best alpha was the grid's top value had its grid widened to twice that value (same "
-        "number of points, all walked); the column 'α at grid end' marks per seed w = widened, h = best at the "
-        "top of the (widened) grid, l = best at its first point, – = inside. The test split is evaluated at the "
-        "chosen alpha only.",
+        "number of points, all walked), and every setting whose best was the grid's first value had the same "
+        "number of points walked below it, down towards 0; the column 'α at grid end' marks per seed w = widened, "
+        "r = refined below, h = best at the top of the (widened) grid, l = best at the lowest point walked, "
+        "– = inside. The test split is evaluated at the chosen alpha only.",
     ]
 
 
@@ -353,7 +356,8 @@ def reading(results: Mapping[str, Any]) -> list[str]:
                 ends.append(f"{name} at T = {t} (top of the grid, {'widened ' if rs[high[0]].get('widened_to') else ''}"
                             f"for {len(high)} of {len(rs)} seeds)")
             if low:
-                ends.append(f"{name} at T = {t} (first grid point for {len(low)} of {len(rs)} seeds)")
+                ends.append(f"{name} at T = {t} (lowest point walked for {len(low)} of {len(rs)} seeds"
+                            f"{', refined below the grid' if rs[low[0]].get('refined_to') else ''})")
             e = [r["energy_removed"] for r in rs if r.get("energy_removed") is not None]
             if e and np.mean(e) >= 0.99:
                 empty.append(f"{name} at T = {t} ({100 * np.mean(e):.2f}%)")

@@ -66,8 +66,11 @@ def check_record(r, per_seed, ft, allowed_alphas=None):
     g = r["grid"]
     if r["widened_to"] is not None:
         assert r["widened_to"] == pytest.approx(2 * g["hi"]) and curve["alpha"][-1] == pytest.approx(2 * g["hi"])
-    if g["patience"] is None:  # the whole grid (and its extension) was walked
-        assert len(curve["alpha"]) == g["points"] * (2 if r["widened_to"] else 1)
+    if r.get("refined_to") is not None:  # points below the grid's first, towards 0
+        assert curve["alpha"][0] == r["refined_to"] and 0 < r["refined_to"] < g["lo"] + (g["hi"] - g["lo"]) / g["points"]
+    if g["patience"] is None:  # the whole grid (and its extensions) was walked
+        refined = g["points"] - 1 if r.get("refined_to") is not None else 0
+        assert len(curve["alpha"]) == g["points"] * (2 if r["widened_to"] else 1) + refined
     assert r["normalized"] == pytest.approx(np.mean(np.asarray(r["per_task"]) / ft))
     assert r["at_end"] in (None, "low", "high")
     if allowed_alphas is not None:
@@ -136,9 +139,15 @@ def test_choose_alpha_early_stops_and_widens():
     r = quality.choose_alpha(ev, None, plan, chunk=4)
     assert r["widened_to"] == 10.0 and r["alpha"] == 10.0 and r["at_end"] == "high"
 
-    ev = FakeEvaluator(lambda a: -a)
+    ev = FakeEvaluator(lambda a: -a)  # best below the grid: refined towards 0, still at its low end
     r = quality.choose_alpha(ev, None, plan, chunk=4)
-    assert r["alpha"] == 0.5 and r["at_end"] == "low" and r["widened_to"] is None
+    assert r["alpha"] == pytest.approx(0.05) and r["at_end"] == "low" and r["widened_to"] is None
+    assert r["refined_to"] == pytest.approx(0.05) and len(r["curve"]["alpha"]) == 9 + 4  # 0.05..0.45, 0.5..2.0
+    assert r["curve"]["alpha"] == sorted(r["curve"]["alpha"])
+
+    ev = FakeEvaluator(lambda a: -((a - 0.2) ** 2))  # peak inside the refined points
+    r = quality.choose_alpha(ev, None, plan, chunk=4)
+    assert r["alpha"] == pytest.approx(0.2) and r["at_end"] is None and r["refined_to"] == pytest.approx(0.05)
 
 
 def test_quick_pipeline_end_to_end(tmp_path, capsys, transforms):
@@ -285,7 +294,7 @@ def test_report_reading_and_tables_on_several_seeds(tmp_path):
     losses = text.split("clear losses: ")[1].split(";")[0]
     assert "tsv + PACT (as released)" in losses and "light" not in losses
     assert "tsv + PACT light at T = 2 (top of the grid, widened for 3 of 3 seeds)" in text
-    assert "tsv + PACT (as released) at T = 2 (first grid point for 3 of 3 seeds)" in text
+    assert "tsv + PACT (as released) at T = 2 (lowest point walked for 3 of 3 seeds)" in text
     assert "99.95%" in text
     rows = {(r[0], r[1]): r for r in report.summary_rows(res, "2")}
     paper = rows[("tsv", "PACT (paper default)")]
