@@ -129,7 +129,7 @@ import numpy as np
 import optax
 
 import pact_jax
-from benchmarks import minilm, quality, report, vit
+from benchmarks import minilm, quality, report, topzoo, vit
 from benchmarks import text_real
 from benchmarks import text_tasks as tt
 from benchmarks import zoo as zoo_mod
@@ -611,22 +611,10 @@ def run(cfg: SuiteConfig, cache: Path | None = None, log: Callable[[str], None] 
         return full["data"], full["feats"]
 
     log(f"validation / test data ready ({time.perf_counter() - t0:.0f} s)")
-    zoos, build = {}, {}
-    for seed in cfg.seeds:
-        t0 = time.perf_counter()
-        zoos[seed], cached = get_zoo(zc, backbone, seed, cache, training_data, log)
-        build[str(seed)] = {"cached": cached, "seconds": time.perf_counter() - t0, **zoos[seed].meta["timings"]}
-        log(f"zoo seed {seed}: {'cached' if cached else 'built'} ({time.perf_counter() - t0:.0f} s)")
-    t0 = time.perf_counter()
-    per_t: dict[str, dict[str, Any]] = {}
-    for t in cfg.task_counts:
-        per_t[str(t)] = {}
-        for seed in cfg.seeds:
-            ev = evaluator(zc, backbone, zoos[seed], data, t, seed)
-            t1 = time.perf_counter()
-            per_t[str(t)][str(seed)] = quality.evaluate_methods(ev, cfg.methods, cfg.settings, log, cfg.alpha)
-            log(f"  T={t} seed {seed}: {time.perf_counter() - t1:.0f} s")
-    eval_s = time.perf_counter() - t0
+    zoos, build, per_t, eval_s = topzoo.run_seeds(
+        cfg.seeds, cfg.task_counts, lambda seed: get_zoo(zc, backbone, seed, cache, training_data, log),
+        lambda zoo, t, seed: evaluator(zc, backbone, zoo, data, t, seed),
+        lambda ev: quality.evaluate_methods(ev, cfg.methods, cfg.settings, log, cfg.alpha), log)
     pre = backbone.params["params"]
     n_params = int(sum(x.size for x in jax.tree_util.tree_leaves(pre)))
     names = _trained_names(backbone.cfg, zc)
@@ -783,12 +771,7 @@ def main(argv: Sequence[str] | None = None, backbone: Backbone | None = None) ->
     command = "python -m benchmarks.minilm_suite" + "".join(f" {a}" for a in (sys.argv[1:] if argv is None else argv))
     out = default_out(args)
     results = run(cfg, args.cache_dir, log=lambda s: print(s, flush=True), backbone=backbone)
-    results["command"] = command
-    results["reading"] = reading(results)
-    paths = report.write(results, out, header=header)
-    print()
-    print(report.summary(results))
-    print("wrote " + ", ".join(str(p) for p in paths))
+    report.publish(results, out, command, header=header)
     return 0
 
 

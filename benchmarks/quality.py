@@ -682,12 +682,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = "python -m benchmarks.quality" + "".join(f" {a}" for a in (sys.argv[1:] if argv is None else argv))
     out = args.out or Path(__file__).parent / "results_quality.md"
     results = run(cfg, args.cache, log=lambda s: print(s, flush=True))
-    results["command"] = command
-    results["reading"] = report.reading(results)
-    paths = report.write(results, out)
-    print()
-    print(report.summary(results))
-    print("wrote " + ", ".join(str(p) for p in paths))
+    report.publish(results, out, command)
     return 0
 
 

@@ -219,7 +219,7 @@ def results_lines(results: Mapping[str, Any], png_name: str | None) -> list[str]
             "",
             *_table(SUMMARY_HEADER, summary_rows(results, t)),
             "",
-            f"Absolute test accuracy per task (%, mean over seeds; last column mean ± std over seeds):",
+            "Absolute test accuracy per task (%, mean over seeds; last column mean ± std over seeds):",
             "",
             *_table(["method", *names, "avg"], per_task_rows(results, t, normalized=False)),
             "",
@@ -300,6 +300,19 @@ def write(results: Mapping[str, Any], md_path: Path,
     return [md_path, js, png]
 
 
+def publish(results: dict[str, Any], md_path: Path, command: str,
+            header: Callable[[Mapping[str, Any]], list[str]] = vit_header) -> list[Path]:
+    """A suite's last step: stores ``command`` and the :func:`reading` in ``results``, then :func:`write`;
+    prints the :func:`summary` and the paths written, and returns those paths."""
+    results["command"] = command
+    results["reading"] = reading(results)
+    paths = write(results, md_path, header=header)
+    print()
+    print(summary(results))
+    print("wrote " + ", ".join(str(p) for p in paths))
+    return paths
+
+
 CLEAR_POINTS = 0.5  # a paired mean change is "clear" beyond this many points AND beyond its spread over seeds
 
 
@@ -341,7 +354,7 @@ def reading(results: Mapping[str, Any]) -> list[str]:
         lines.append(
             f"- T = {t}: fine-tuned {ft * 100:.1f}, pre-trained + probe {pre * 100:.1f}"
             + (f"; best merge without a transform {best} {plain[best]:.1f}" if best else "")
-            + f". Paired change of the test accuracy against the same method without a transform (points, mean"
+            + ". Paired change of the test accuracy against the same method without a transform (points, mean"
             + (f" ± std over {n} seeds" if n > 1 else ", one seed") + "): " + ", ".join(parts) + ". " + verdict
         )
     ends, empty = [], []

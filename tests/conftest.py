@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 
 # Eight virtual CPU devices for tests/test_sharding.py. XLA reads the flag when
@@ -75,3 +76,21 @@ def tiny_checkpoints(tmp_path, tiny_models):
     pre_dir = io.save(tmp_path / "pre", pre, "orbax")
     ft_dirs = [io.save(tmp_path / f"ft{i}", ft, "orbax") for i, ft in enumerate(fts)]
     return pre_dir, ft_dirs, pre, fts
+
+
+@pytest.fixture
+def transforms(monkeypatch):
+    """PACT's presets and SIFT as the suites call them; stand-ins only while the library lacks them."""
+    import jax
+
+    import pact_jax
+
+    pact_module = importlib.import_module("pact_jax.pact")
+    if not hasattr(pact_module, "PRESETS"):
+        monkeypatch.setattr(pact_module, "PRESETS", {"paper": {}, "adaptive": {}, "light": {"strength": 0.1},
+                                                     "release": {"strength": 1.0}}, raising=False)
+    if not hasattr(pact_jax, "sift"):
+        def sift(pretrained, stacked, *, rules=None):  # noqa: ARG001
+            return jax.tree_util.tree_map(lambda x: 0.5 * x, stacked)
+
+        monkeypatch.setattr(pact_jax, "sift", sift, raising=False)

@@ -22,9 +22,8 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `benchmarks` lives at the repository root
 
 from benchmarks import minilm_suite as suite
-from benchmarks import quality
 from benchmarks import text_tasks as tt
-from test_benchmarks_quality import check_record, transforms  # noqa: F401  (a fixture)
+from test_benchmarks_quality import check_cached_rerun, check_tiny_seed, run_tiny
 
 SIZES = {"train": 60, "val": 24, "test": 36}
 
@@ -120,10 +119,7 @@ def test_merge_rules_on_the_bert_tree():
 
 def test_tiny_pipeline_end_to_end(tmp_path, capsys, transforms):
     """The whole suite on a tiny random MiniLM: fine-tune, cache, merge under every setting, report; a rerun uses the cache."""
-    cache, out = tmp_path / "cache", tmp_path / "out" / "results_minilm.md"
-    argv = ["--tiny", "--cache-dir", str(cache), "--out", str(out)]
-    assert suite.main(argv) == 0
-    printed = capsys.readouterr().out
+    argv, cache, out, printed = run_tiny(suite, tmp_path, capsys, "results_minilm.md")
     assert "random MiniLM" in printed and "T = 3" in printed
 
     cfg = suite.TINY
@@ -145,32 +141,16 @@ def test_tiny_pipeline_end_to_end(tmp_path, capsys, transforms):
     assert res["zoo"]["trained_layers"] == ["layer_1"]
     assert [t["name"] for t in res["tasks"]] == ["imdb", "tweets", "topic"]
     per_seed = res["per_T"]["3"]["0"]
-    ft = np.asarray(per_seed["finetuned"]["per_task"])
-    accs = [ft, per_seed["pretrained"]["per_task"]]
-    assert set(per_seed["methods"]) == set(cfg.methods)
-    for method, by_setting in per_seed["methods"].items():
-        assert list(by_setting) == list(quality.settings_for(method, cfg.settings))
-        for setting, r in by_setting.items():
-            accs.append(r["per_task"])
-            assert len(r["per_task"]) == 3
-            check_record(r, per_seed, ft)
-            assert r["grid"] == quality.alpha_plan(method, setting, 3, cfg.alpha.points, cfg.alpha.full_points).describe()
-            assert (r["energy_removed"] is None) == (setting == "none")
-    accs = np.asarray(accs)
-    # accuracies on 32 test sentences: multiples of 1/32 in [0, 1]
-    assert np.all((0.0 <= accs) & (accs <= 1.0))
-    np.testing.assert_allclose(accs * 32, np.round(accs * 32), atol=1e-4)
+
+    def each(setting, r):
+        assert len(r["per_task"]) == 3
+        assert (r["energy_removed"] is None) == (setting == "none")
+
+    check_tiny_seed(per_seed, cfg, 3, n_test=32, each=each)  # accuracies on 32 test sentences: multiples of 1/32
     assert res["bars"]
 
     # a second run finds the checkpoints in the cache and reproduces the numbers exactly
-    assert suite.main(argv) == 0
-    assert "cached" in capsys.readouterr().out
-    again = json.loads(out.with_suffix(".json").read_text())["per_T"]["3"]["0"]
-    assert again["finetuned"] == per_seed["finetuned"] and again["pretrained"] == per_seed["pretrained"]
-    for method, by_setting in per_seed["methods"].items():
-        for setting, r in by_setting.items():
-            for field in ("per_task", "alpha", "val_mean", "curve"):
-                assert again["methods"][method][setting][field] == r[field]
+    check_cached_rerun(suite, argv, out, capsys, per_seed, 3, fields=("per_task", "alpha", "val_mean", "curve"))
 
 
 def test_task_count_above_the_suite_is_refused():

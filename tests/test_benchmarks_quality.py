@@ -9,7 +9,6 @@ the alpha protocol itself is tested on hand-built curves.
 
 from __future__ import annotations
 
-import importlib
 import json
 import sys
 from pathlib import Path
@@ -37,24 +36,6 @@ def test_task_generators_are_deterministic_and_in_range():
         assert set(np.unique(b1)) <= {0, 1}, task.name
 
 
-@pytest.fixture
-def transforms(monkeypatch):
-    """PACT's presets and SIFT as the suites call them; stand-ins only while the library lacks them."""
-    import jax
-
-    import pact_jax
-
-    pact_module = importlib.import_module("pact_jax.pact")
-    if not hasattr(pact_module, "PRESETS"):
-        monkeypatch.setattr(pact_module, "PRESETS", {"paper": {}, "adaptive": {}, "light": {"strength": 0.1},
-                                                     "release": {"strength": 1.0}}, raising=False)
-    if not hasattr(pact_jax, "sift"):
-        def sift(pretrained, stacked, *, rules=None):  # noqa: ARG001
-            return jax.tree_util.tree_map(lambda x: 0.5 * x, stacked)
-
-        monkeypatch.setattr(pact_jax, "sift", sift, raising=False)
-
-
 def check_record(r, per_seed, ft, allowed_alphas=None):
     """One (method, setting) record of the JSON: the alpha search and the test numbers agree."""
     curve = r["curve"]
@@ -75,6 +56,45 @@ def check_record(r, per_seed, ft, allowed_alphas=None):
     assert r["at_end"] in (None, "low", "high")
     if allowed_alphas is not None:
         assert r["alpha"] in allowed_alphas
+
+
+def run_tiny(suite, tmp_path, capsys, md_name):
+    """``suite.main`` in its ``--tiny`` setting with a cache and output under ``tmp_path``: ``(argv, cache, out, printed)``."""
+    cache, out = tmp_path / "cache", tmp_path / "out" / md_name
+    argv = ["--tiny", "--cache-dir", str(cache), "--out", str(out)]
+    assert suite.main(argv) == 0
+    return argv, cache, out, capsys.readouterr().out
+
+
+def check_tiny_seed(per_seed, cfg, t, n_test, each=None):
+    """A tiny run's records of one seed at ``t`` tasks (``each(setting, r)``: more checks per record);
+    every accuracy lies in [0, 1] and is a multiple of ``1 / n_test``."""
+    ft = np.asarray(per_seed["finetuned"]["per_task"])
+    accs = [ft, per_seed["pretrained"]["per_task"]]
+    assert set(per_seed["methods"]) == set(cfg.methods)
+    for method, by_setting in per_seed["methods"].items():
+        assert list(by_setting) == list(quality.settings_for(method, cfg.settings))
+        for setting, r in by_setting.items():
+            accs.append(r["per_task"])
+            if each is not None:
+                each(setting, r)
+            check_record(r, per_seed, ft)
+            assert r["grid"] == quality.alpha_plan(method, setting, t, cfg.alpha.points, cfg.alpha.full_points).describe()
+    accs = np.asarray(accs)
+    assert np.all((0.0 <= accs) & (accs <= 1.0))
+    np.testing.assert_allclose(accs * n_test, np.round(accs * n_test), atol=1e-4)
+
+
+def check_cached_rerun(suite, argv, out, capsys, per_seed, t, fields):
+    """A second ``suite.main(argv)`` loads the cached zoo and reproduces ``per_seed``'s ``fields`` exactly."""
+    assert suite.main(argv) == 0
+    assert "cached" in capsys.readouterr().out
+    again = json.loads(out.with_suffix(".json").read_text())["per_T"][str(t)]["0"]
+    assert again["finetuned"] == per_seed["finetuned"] and again["pretrained"] == per_seed["pretrained"]
+    for method, by_setting in per_seed["methods"].items():
+        for setting, r in by_setting.items():
+            for field in fields:
+                assert again["methods"][method][setting][field] == r[field]
 
 
 def test_alpha_plans_follow_the_authors():
@@ -252,7 +272,6 @@ def test_shared_transform_deltas_equal_the_recipes(tiny_models, transforms):
 
 def synthetic_results(n_seeds=3):
     """A results dict of two methods over seeds, as the suites write it (no computation)."""
-    from benchmarks import report  # noqa: F401
 
     rng = np.random.default_rng(0)
 

@@ -17,9 +17,9 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `benchmarks` lives at the repository root
 
-from benchmarks import dinov2, quality
+from benchmarks import dinov2
 from benchmarks import vision_suite as suite
-from test_benchmarks_quality import check_record, transforms  # noqa: F401  (a fixture)
+from test_benchmarks_quality import check_cached_rerun, check_tiny_seed, run_tiny
 
 
 def test_merge_rules_on_the_dinov2_tree():
@@ -43,10 +43,7 @@ def test_merge_rules_on_the_dinov2_tree():
 
 def test_tiny_pipeline_end_to_end(tmp_path, capsys, transforms):
     """Tiny random ViT on synthetic images: fine-tune, cache, merge under every setting, report; a rerun uses the cache."""
-    cache, out = tmp_path / "cache", tmp_path / "out" / "results_vision.md"
-    argv = ["--tiny", "--cache-dir", str(cache), "--out", str(out)]
-    assert suite.main(argv) == 0
-    printed = capsys.readouterr().out
+    argv, cache, out, printed = run_tiny(suite, tmp_path, capsys, "results_vision.md")
     assert "random dinov2-layout ViT" in printed and "T = 3" in printed
 
     cfg = suite.TINY
@@ -65,26 +62,10 @@ def test_tiny_pipeline_end_to_end(tmp_path, capsys, transforms):
     res = json.loads(out.with_suffix(".json").read_text())
     assert res["zoo"]["trained_layers"] == ["layer_1", "layernorm"] and res["zoo"]["tokens"] == 17
     per_seed = res["per_T"]["3"]["0"]
-    ft = np.asarray(per_seed["finetuned"]["per_task"])
-    accs = [ft, per_seed["pretrained"]["per_task"]]
-    assert set(per_seed["methods"]) == set(cfg.methods)
-    for method, by_setting in per_seed["methods"].items():
-        assert list(by_setting) == list(quality.settings_for(method, cfg.settings))
-        for setting, r in by_setting.items():
-            accs.append(r["per_task"])
-            check_record(r, per_seed, ft)
-            assert r["grid"] == quality.alpha_plan(method, setting, 3, cfg.alpha.points, cfg.alpha.full_points).describe()
-    accs = np.asarray(accs)  # accuracies on 24 test images: multiples of 1/24
-    assert np.all((0.0 <= accs) & (accs <= 1.0))
-    np.testing.assert_allclose(accs * 24, np.round(accs * 24), atol=1e-4)
+    check_tiny_seed(per_seed, cfg, 3, n_test=24)  # accuracies on 24 test images: multiples of 1/24
 
-    assert suite.main(argv) == 0  # the rerun loads the checkpoints and reproduces the numbers
-    assert "cached" in capsys.readouterr().out
-    again = json.loads(out.with_suffix(".json").read_text())["per_T"]["3"]["0"]
-    assert again["finetuned"] == per_seed["finetuned"] and again["pretrained"] == per_seed["pretrained"]
-    for method, by_setting in per_seed["methods"].items():
-        for setting, r in by_setting.items():
-            assert again["methods"][method][setting]["per_task"] == r["per_task"]
+    # the rerun loads the checkpoints and reproduces the numbers
+    check_cached_rerun(suite, argv, out, capsys, per_seed, 3, fields=("per_task",))
 
 
 def test_reduced_runs_never_write_the_committed_results(monkeypatch, tmp_path):
@@ -98,7 +79,7 @@ def test_reduced_runs_never_write_the_committed_results(monkeypatch, tmp_path):
 
 def test_task_count_above_the_suite_is_refused():
     with pytest.raises(SystemExit):
-        suite.main(["--tiny", "--tasks", "4"])
+        suite.main(["--tiny", "--task-counts", "4"])
 
 
 @pytest.mark.slow
