@@ -218,7 +218,8 @@ def test_memo_evaluates_each_alpha_once_and_keeps_the_protocol():
     direct = quality.choose_alpha(_FakeEvaluator(), delta, plan, chunk=3)
     via = quality.choose_alpha(memo, delta, plan, chunk=3)
     assert via["alpha"] == pytest.approx(direct["alpha"]) and via["curve"] == direct["curve"]
-    assert via["alpha"] == plan.grid[0]  # the peak (0.7) lies below the range: the first point wins
+    # The peak (0.7) lies below the range: choose_alpha walks 9 points below its first (0.075 .. 0.675).
+    assert via["refined_to"] == pytest.approx(0.075) and via["alpha"] == pytest.approx(0.675)
     n = len(fake.calls)
     again = memo.scores(via["curve"]["alpha"])  # already walked: no new sweep
     assert len(fake.calls) == n and len(again) == len(via["curve"]["alpha"])
