@@ -24,6 +24,7 @@ from pact_jax.tree import (
     LeafRules,
     PactInputError,
     apply_delta,
+    check_finite,
     task_vectors,
 )
 
@@ -37,6 +38,7 @@ __all__ = [
     "alpha_grid",
     "apply_delta",
     "chain",
+    "check_finite",
     "lbw_statistics",
     "linalg",
     "merges",

@@ -72,6 +72,8 @@ def check_finite(tree: PyTree, what: str) -> None:
 
     Skipped for leaves that are tracers (inside ``jax.jit``), where values are
     not known; call the merge eagerly once, or this function, to validate.
+    Concrete leaves closed over by a jitted function (``jax.jit(partial(merge,
+    pretrained))``) are checked at trace time.
     """
     for path, leaf in leaves_with_paths(tree):
         if not _is_concrete(leaf):
@@ -79,9 +81,10 @@ def check_finite(tree: PyTree, what: str) -> None:
         arr = jnp.asarray(leaf)
         if not jnp.issubdtype(arr.dtype, jnp.inexact):
             continue
-        if not bool(jnp.isfinite(arr).all()):
-            n_nan = int(jnp.isnan(arr).sum())
-            n_inf = int(jnp.isinf(arr).sum())
+        with jax.ensure_compile_time_eval():  # inside a trace, jnp on a constant would stage a tracer
+            finite = bool(jnp.isfinite(arr).all())
+            n_nan, n_inf = (0, 0) if finite else (int(jnp.isnan(arr).sum()), int(jnp.isinf(arr).sum()))
+        if not finite:
             raise PactInputError(
                 f"{what}: leaf '{path}' holds non-finite values "
                 f"({n_nan} NaN, {n_inf} Inf of {arr.size} entries)."

@@ -139,3 +139,21 @@ def test_matrix_views():
     assert LeafRules(row_axes=((r".*", 2),)).matrix_shape("dense/kernel", (4, 5)) == (4, 5)
     with pytest.raises(PactInputError, match="row_axes"):
         LeafRules(row_axes=((r".*", 0),)).matrix_shape("dense/kernel", (4, 5))
+
+
+def test_merge_jitted_with_the_pretrained_model_closed_over():
+    """``jax.jit(partial(merge, pretrained))``: the closed-over (concrete) model is checked at trace time,
+    the traced fine-tuned models are not (values unknown); the result equals the eager merge."""
+    import functools
+
+    from pact_jax import recipes
+
+    pre = make_params(jax.random.key(0))
+    fts = [perturb(pre, jax.random.key(i), 0.05) for i in (1, 2)]
+    for method, kw in (("task_arithmetic", {}), ("tsv", {"use_pact": True}), ("ties", {})):
+        merge = recipes.make_merge(method, alpha=0.5, **kw)
+        chex.assert_trees_all_close(jax.jit(functools.partial(merge, pre))(fts), merge(pre, fts), atol=1e-5)
+    leaf = jax.tree_util.tree_leaves(pre)[0]
+    bad = jax.tree_util.tree_map(lambda x: x.at[(0,) * x.ndim].set(jnp.nan) if x is leaf else x, pre)
+    with pytest.raises(PactInputError, match="pretrained: leaf .* holds non-finite values"):
+        jax.jit(functools.partial(recipes.make_merge("task_arithmetic"), bad))(fts)
