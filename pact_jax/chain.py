@@ -30,6 +30,7 @@ from pact_jax.tree import (
     LeafRules,
     PyTree,
     apply_delta,
+    check_alpha,
     check_task_list,
     leaves_with_paths,
     path_str,
@@ -100,6 +101,7 @@ def chain(
     """
     if not steps:
         raise TypeError("chain needs at least a merger, e.g. chain(pact_jax.merges.task_arithmetic).")
+    check_alpha(alpha)
     described = [_step(s) for s in steps]
     key_names = [s.name for s in described if s.needs_key]
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -236,9 +237,18 @@ def merge_settings(args: argparse.Namespace) -> dict[str, Any]:
     if missing:
         raise UsageError(f"merge needs {', '.join('--' + m for m in missing)} (as flags or config keys)")
     from pact_jax import recipes
+    from pact_jax.tree import check_alpha
 
     if cfg["method"] not in recipes.METHODS:
         raise UsageError(f"unknown method {cfg['method']!r}; choose one of {list(recipes.METHODS)}")
+    if cfg.get("alpha") is not None:
+        try:
+            check_alpha(cfg["alpha"], "--alpha (alpha)")
+        except ValueError as e:
+            raise UsageError(str(e)) from e
+    budget = cfg.get("budget_mib")
+    if budget is not None and not (math.isfinite(budget) and budget > 0):
+        raise UsageError(f"--budget-mib (budget_mib) must be a positive number of MiB, got {budget!r}")
     if cfg.get("svd") not in (None, "exact", "randomized"):
         raise UsageError(f"svd must be 'exact' or 'randomized', got {cfg['svd']!r}")
     given = [k for k in _DISTRIBUTED_KEYS if cfg.get(k) is not None]

@@ -165,6 +165,24 @@ def validate_stacked(stacked: PyTree, what: str = "stacked task vectors") -> int
     return t
 
 
+MAX_ALPHA = 1e6  # |alpha| beyond this is not a merge; float32 overflows near 3e38 / |delta|
+
+
+def check_alpha(alpha: Any, name: str = "alpha") -> None:
+    """A concrete ``alpha`` must be a finite real number with ``|alpha| <= MAX_ALPHA`` (a traced one,
+    e.g. in a jitted sweep over alpha, is not known here and is not checked)."""
+    if isinstance(alpha, jax.core.Tracer):
+        return
+    try:
+        if isinstance(alpha, (str, bytes, bool)):
+            raise TypeError
+        value = float(alpha)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a real number, got {alpha!r}.") from None
+    if not math.isfinite(value) or abs(value) > MAX_ALPHA:
+        raise ValueError(f"{name} must be a finite number with |{name}| <= {MAX_ALPHA:g}, got {alpha!r}.")
+
+
 def check_fraction(value: float, name: str, *, allow_zero: bool = False) -> float:
     """``value`` must lie in ``(0, 1]`` (or ``[0, 1]`` with ``allow_zero``)."""
     is_number = isinstance(value, (int, float, np.floating)) and not isinstance(value, bool)
@@ -239,6 +257,7 @@ def apply_delta(pretrained: PyTree, delta: PyTree, alpha: float | jax.Array = 1.
       delta: merged update with the structure and shapes of ``pretrained``.
       alpha: scaling coefficient (Python or traced scalar).
     """
+    check_alpha(alpha)
     check_same_structure(pretrained, delta, "pretrained", "delta")
     for (path, w0), (_, d) in zip(leaves_with_paths(pretrained), leaves_with_paths(delta)):
         if jnp.shape(w0) != jnp.shape(d):

@@ -107,6 +107,11 @@ def test_merge_from_yaml_config_with_flag_override(tmp_path, capsys, tiny_checkp
         (["--method", "tsv", "--sift", "--pact-include", "dense_("], "--pact-include 'dense_(' is not a regular"),
         (["--method", "ties", "--pact", "--pact-only-2d"], "--pact-only-2d: PACT before ties uses the scalar"),
         (["--method", "tsv", "--pact", "--pact-arg", "paths=[a]"], "the CLI sets paths from the scope flags"),
+        (["--method", "tsv", "--alpha", "nan"], "--alpha (alpha) must be a finite number"),
+        (["--method", "tsv", "--alpha", "inf"], "--alpha (alpha) must be a finite number"),
+        (["--method", "tsv", "--alpha", "1e40"], "--alpha (alpha) must be a finite number with |--alpha (alpha)| <= 1e+06"),
+        (["--method", "tsv", "--budget-mib", "-5"], "--budget-mib (budget_mib) must be a positive number of MiB, got -5.0"),
+        (["--method", "tsv", "--budget-mib", "nan"], "--budget-mib (budget_mib) must be a positive number of MiB"),
     ],
 )
 def test_usage_errors_exit_2(tmp_path, capsys, tiny_checkpoints, argv_tail, message):

@@ -157,3 +157,20 @@ def test_merge_jitted_with_the_pretrained_model_closed_over():
     bad = jax.tree_util.tree_map(lambda x: x.at[(0,) * x.ndim].set(jnp.nan) if x is leaf else x, pre)
     with pytest.raises(PactInputError, match="pretrained: leaf .* holds non-finite values"):
         jax.jit(functools.partial(recipes.make_merge("task_arithmetic"), bad))(fts)
+
+
+@pytest.mark.parametrize("alpha", [float("nan"), float("inf"), -float("inf"), 1e40, "0.5", None])
+def test_alpha_must_be_a_finite_number(alpha):
+    from pact_jax import merges
+
+    pre = make_params(jax.random.key(0))
+    fts = [perturb(pre, jax.random.key(1), 0.05)]
+    with pytest.raises(ValueError, match="alpha must be"):
+        pact_jax.apply_delta(pre, pre, alpha)
+    with pytest.raises(ValueError, match="alpha must be"):
+        pact_jax.chain(merges.task_arithmetic, alpha=alpha)
+    merge = pact_jax.chain(merges.task_arithmetic)
+    with pytest.raises(ValueError, match="alpha must be"):
+        merge(pre, fts, alpha=alpha)
+    # A traced alpha (a jitted sweep) is not known at trace time: not refused.
+    jax.jit(lambda a: merge(pre, fts, alpha=a))(jnp.float32(0.5))
