@@ -110,6 +110,11 @@ def open_writer(
     p = Path(path)
     if (p.exists() or p.is_symlink()) and not overwrite:
         raise CheckpointError(f"{p} already exists; refusing to overwrite it (pass --overwrite, or overwrite=True in Python).")
+    if format is not None and SUFFIXES.get(p.suffix, format) != format:
+        raise CheckpointError(
+            f"{p}: its suffix {p.suffix!r} names the {SUFFIXES[p.suffix]} format, but {format} was asked for; "
+            f"rename the output or drop the format (--output-format)."
+        )
     p.parent.mkdir(parents=True, exist_ok=True)
     fmt = format or detect_format(p)
     return _module(fmt).Writer(p, template, source=source)

@@ -155,7 +155,8 @@ class Writer(CheckpointWriter):
             self._staged.mkdir()
 
     def _write(self, arrays: Mapping[str, Any]) -> None:
-        tensors = {to_key(p): np.ascontiguousarray(np.asarray(a)) for p, a in arrays.items()}
+        # np.require, not np.ascontiguousarray: the latter turns a 0-d leaf into shape (1,).
+        tensors = {to_key(p): np.require(np.asarray(a), requirements="C") for p, a in arrays.items()}
         if self._single:
             self._buffer.update(tensors)
             return

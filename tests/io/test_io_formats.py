@@ -23,6 +23,7 @@ def params_tree():
             "dense": {"kernel": rng.normal(size=(6, 5)).astype(np.float32), "bias": np.zeros(5, np.float32)},
             "attn": {"query": {"kernel": rng.normal(size=(5, 2, 3)).astype(jnp.bfloat16)}},
             "norm": {"scale": np.ones(5, jnp.bfloat16)},
+            "temperature": np.array(0.07, np.float32),  # a 0-d leaf keeps its shape () in every format
         }
     }
 
@@ -181,3 +182,10 @@ def test_keys_that_cannot_be_paths_are_rejected(tmp_path):
         io.save(tmp_path / "x.safetensors", {"layer.0": {"kernel": np.zeros((2, 2), np.float32)}})
     with pytest.raises(CheckpointError, match="free of '/'"):
         io.save(tmp_path / "x.msgpack", {"a/b": np.zeros(2, np.float32)})
+
+
+@pytest.mark.parametrize("name,fmt", [("m.msgpack", "safetensors"), ("m.safetensors", "msgpack"), ("m.msgpack", "orbax")])
+def test_a_suffix_that_contradicts_the_format_is_refused(tmp_path, name, fmt):
+    with pytest.raises(CheckpointError, match=f"suffix .* names the .* format, but {fmt} was asked for"):
+        io.save(tmp_path / name, params_tree(), fmt)
+    assert not list(tmp_path.iterdir())  # nothing written
