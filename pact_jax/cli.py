@@ -326,7 +326,21 @@ def _rules(spec: dict[str, str]):
         raise UsageError(f"bad leaf rules {spec}: {e}") from e
 
 
+def _warn_repeated_inputs(pretrained: str, finetuned: Sequence[str]) -> None:
+    """A fine-tuned input that is the pre-trained one (a zero task vector) or given twice (counted
+    twice) is legal but rarely meant: say so on stderr."""
+    pre, fts = Path(pretrained).resolve(), [Path(f).resolve() for f in finetuned]
+    if pre in fts:
+        print(f"pact-jax merge: warning: the pre-trained checkpoint {pretrained} is also given as --finetuned: "
+              "its task vector is zero", file=sys.stderr)  # fmt: skip
+    for path in dict.fromkeys(fts):
+        if fts.count(path) > 1:
+            print(f"pact-jax merge: warning: --finetuned {path} is given {fts.count(path)} times: it counts "
+                  f"{fts.count(path)} times in the merge", file=sys.stderr)  # fmt: skip
+
+
 def run_merge(cfg: dict[str, Any]) -> int:
+    _warn_repeated_inputs(cfg["pretrained"], cfg["finetuned"])
     if cfg.get("distributed"):
         _initialize(cfg)  # before anything else touches a JAX backend
     import jax

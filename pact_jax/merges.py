@@ -172,6 +172,9 @@ def dare(
       stacked: task vectors, leaves ``(T, ...)``.
       p: drop probability in ``(0, 1]``.
     """
+    if not isinstance(key, jax.Array):
+        raise ValueError(f"dare needs a PRNG key as its first argument, e.g. dare(jax.random.key(0), stacked); "
+                         f"got {type(key).__name__}.")
     p = check_fraction(p, "p")
     validate_stacked(stacked)
     items = leaves_with_paths(stacked)

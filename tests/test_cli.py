@@ -8,6 +8,7 @@ import re
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -386,3 +387,13 @@ def test_inspect_with_preset_and_scope(tmp_path, capsys, tiny_checkpoints):
     assert "scalar" in layers["params/head/kernel"]  # the scalar statistics cover every leaf
     code, _, err = run(capsys, "inspect", ft_dirs[0], "--pact-preset", "light")
     assert code == 2 and "--pact-preset needs --pretrained" in err
+
+
+def test_repeated_inputs_merge_with_a_warning(tmp_path, capsys, tiny_checkpoints):
+    pre_dir, ft_dirs, *_ = tiny_checkpoints
+    code, out, err = run(capsys, *merge_args(pre_dir, [ft_dirs[0], ft_dirs[0], pre_dir], tmp_path / "out",
+                                             "--method", "task_arithmetic"))  # fmt: skip
+    assert code == 0, err
+    assert f"--finetuned {Path(ft_dirs[0]).resolve()} is given 2 times: it counts 2 times" in err
+    assert f"the pre-trained checkpoint {pre_dir} is also given as --finetuned" in err
+

@@ -925,3 +925,9 @@ def test_bad_backbone_options_raise(call, match):
     stacked = random_stacked(78, 2, {"w": (4, 3)})
     with pytest.raises(ValueError, match=match):
         call(stacked)
+
+
+def test_dare_without_a_key_names_it():
+    tau = {"w": jnp.ones((2, 3, 3))}
+    with pytest.raises(ValueError, match="dare needs a PRNG key as its first argument.*got NoneType"):
+        merges.dare(None, tau)
