@@ -746,14 +746,8 @@ def config_from_args(args: argparse.Namespace) -> SuiteConfig:
 
 
 def default_out(args: argparse.Namespace) -> Path:
-    if args.out:
-        return args.out
-    if args.quick or args.tiny:  # never over the committed results
-        import tempfile
-
-        return Path(tempfile.mkdtemp(prefix="minilm_suite_")) / "results_minilm.md"
     name = "results_minilm.md" if args.tasks == ["generated"] else "results_minilm_real.md"
-    return Path(__file__).parent / name
+    return report.output_path(args.out, Path(__file__).parent / name, args.quick or args.tiny)
 
 
 def main(argv: Sequence[str] | None = None, backbone: Backbone | None = None) -> int:

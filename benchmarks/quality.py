@@ -53,7 +53,8 @@ Normalised accuracy of task ``t`` = merged accuracy / fine-tuned accuracy on
 ``t`` (validation: the fine-tuned model's validation accuracy); tables give
 mean +- sample std over seeds and the paired difference to ``none``.
 
-Writes ``benchmarks/results_quality.md`` (``--out``), the same numbers as
+Writes ``benchmarks/results_quality.md`` (``--out``; ``--quick`` writes to a
+temporary folder unless ``--out``), the same numbers as
 JSON next to it, and a PNG of normalised accuracy per method and setting.
 """
 
@@ -655,7 +656,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="tiny zoo and settings (the CI test); seconds")
     p.add_argument("--cache", type=Path, default=None, help="zoo cache (default: $PACT_JAX_CACHE/zoo or ~/.cache/pact_jax/zoo)")
     p.add_argument("--out", type=Path, default=None,
-                   help="markdown output; the JSON and PNG are written next to it (default: benchmarks/results_quality.md)")
+                   help="markdown output; the JSON and PNG are written next to it (default: benchmarks/results_quality.md; "
+                        "a temporary folder with --quick)")
     return p
 
 
@@ -680,7 +682,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as e:
         parser.error(str(e))
     command = "python -m benchmarks.quality" + "".join(f" {a}" for a in (sys.argv[1:] if argv is None else argv))
-    out = args.out or Path(__file__).parent / "results_quality.md"
+    out = report.output_path(args.out, Path(__file__).parent / "results_quality.md", args.quick)
     results = run(cfg, args.cache, log=lambda s: print(s, flush=True))
     report.publish(results, out, command)
     return 0

@@ -300,6 +300,18 @@ def write(results: Mapping[str, Any], md_path: Path,
     return [md_path, js, png]
 
 
+def output_path(out: Path | None, committed: Path, reduced: bool) -> Path:
+    """Where a suite writes: ``out`` if given; a fresh temporary folder for a reduced run (``--quick``,
+    ``--tiny``), so that it never overwrites the committed results; else ``committed``."""
+    if out is not None:
+        return Path(out)
+    if reduced:
+        import tempfile
+
+        return Path(tempfile.mkdtemp(prefix=committed.stem + "_")) / committed.name
+    return committed
+
+
 def publish(results: dict[str, Any], md_path: Path, command: str,
             header: Callable[[Mapping[str, Any]], list[str]] = vit_header) -> list[Path]:
     """A suite's last step: stores ``command`` and the :func:`reading` in ``results``, then :func:`write`;

@@ -70,7 +70,6 @@ import functools
 import hashlib
 import json
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -441,12 +440,7 @@ def main(argv: Sequence[str] | None = None, backbone: Backbone | None = None) ->
     if bad:
         parser.error(f"--task-counts {bad}: the suite has {cfg.zoo.num_tasks} tasks")
     command = "python -m benchmarks.vision_suite" + "".join(f" {a}" for a in (sys.argv[1:] if argv is None else argv))
-    if args.out:
-        out = args.out
-    elif args.quick or args.tiny:  # never overwrite the committed results with a reduced run
-        out = Path(tempfile.mkdtemp(prefix="vision_suite_")) / "results_vision.md"
-    else:
-        out = Path(__file__).parent / "results_vision.md"
+    out = report.output_path(args.out, Path(__file__).parent / "results_vision.md", args.quick or args.tiny)
     results = run(cfg, args.cache_dir, log=lambda s: print(s, flush=True), backbone=backbone)
     report.publish(results, out, command, header=header)
     return 0

@@ -19,7 +19,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `benchmarks` lives at the repository root
 
 
-from benchmarks import quality, tasks, zoo  # noqa: E402
+from benchmarks import quality, report, tasks, zoo  # noqa: E402
 
 
 def test_task_generators_are_deterministic_and_in_range():
@@ -323,3 +323,11 @@ def test_report_reading_and_tables_on_several_seeds(tmp_path):
     one = synthetic_results(1)
     assert "no verdict" in "\n".join(report.reading(one))
     assert report.plot(res, tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_reduced_runs_write_to_a_temporary_folder(tmp_path):
+    committed = tmp_path / "results_quality.md"
+    assert report.output_path(None, committed, reduced=False) == committed
+    assert report.output_path(tmp_path / "x.md", committed, reduced=True) == tmp_path / "x.md"
+    temp = report.output_path(None, committed, reduced=True)
+    assert temp.name == "results_quality.md" and temp.parent != tmp_path and temp.parent.is_dir()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -71,10 +72,10 @@ def test_tiny_pipeline_end_to_end(tmp_path, capsys, transforms):
 def test_reduced_runs_never_write_the_committed_results(monkeypatch, tmp_path):
     written = []
     monkeypatch.setattr(suite, "run", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("stop")))
-    monkeypatch.setattr(suite.tempfile, "mkdtemp", lambda prefix: written.append(prefix) or str(tmp_path))
+    monkeypatch.setattr(tempfile, "mkdtemp", lambda prefix: written.append(prefix) or str(tmp_path))
     with pytest.raises(RuntimeError, match="stop"):
         suite.main(["--tiny"])
-    assert written == ["vision_suite_"]
+    assert written == ["results_vision_"]
 
 
 def test_task_count_above_the_suite_is_refused():
