@@ -403,6 +403,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m benchmarks.vision_suite", description=__doc__.split("\n\n")[0])
     p.add_argument("--task-counts", type=int, nargs="+", default=None, help="task counts T (default: 5)")
     p.add_argument("--image", type=int, default=None, help="input side in pixels, a multiple of 14 (default: 28)")
+    p.add_argument("--finetune-lr", type=float, default=None,
+                   help="fine-tuning learning rate (default 1e-4; a sensitivity run of RESULTS.md uses 3e-5)")
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="seeds (default: 0 1 2)")
     quality.add_protocol_args(p)
     p.add_argument("--quick", action="store_true", help="the real model and data, 1 seed, few methods (minutes)")
@@ -424,6 +426,10 @@ def config_from_args(args: argparse.Namespace) -> SuiteConfig:
         if args.image < 14 or args.image % 14:
             raise ValueError(f"--image {args.image}: the side must be a positive multiple of the patch size 14")
         changes["zoo"] = dataclasses.replace(cfg.zoo, image=args.image)
+    if args.finetune_lr is not None:
+        if not 0 < args.finetune_lr < 1:
+            raise ValueError(f"--finetune-lr {args.finetune_lr}: a learning rate in (0, 1)")
+        changes["zoo"] = dataclasses.replace(changes.get("zoo", cfg.zoo), finetune_lr=args.finetune_lr)
     if args.seeds:
         changes["seeds"] = tuple(args.seeds)
     return dataclasses.replace(cfg, **changes)
