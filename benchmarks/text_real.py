@@ -57,6 +57,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks import text_tasks
+from benchmarks.sources import MissingSource
 
 INSTALL = "pip install -e '.[bench]'"
 
@@ -142,7 +143,7 @@ def data_file(task: RealTask) -> Path:
     spec = importlib.util.find_spec(task.module)
     path = Path(next(iter(spec.submodule_search_locations or ()), "")) / task.file if spec else None
     if path is None or not path.is_file():
-        raise RuntimeError(f"task {task.name!r} reads its texts from the {task.package!r} package: {INSTALL}")
+        raise MissingSource(f"task {task.name!r} reads its texts from the {task.package!r} package: {INSTALL}")
     return path
 
 

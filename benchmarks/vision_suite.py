@@ -78,7 +78,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import pact_jax
-from benchmarks import dinov2, quality, report, topzoo
+from benchmarks import dinov2, quality, report, sources, topzoo
 from benchmarks import image_tasks as it
 
 PyTree = Any
@@ -445,7 +445,10 @@ def main(argv: Sequence[str] | None = None, backbone: Backbone | None = None) ->
         parser.error(f"--task-counts {bad}: the suite has {cfg.zoo.num_tasks} tasks")
     command = "python -m benchmarks.vision_suite" + "".join(f" {a}" for a in (sys.argv[1:] if argv is None else argv))
     out = report.output_path(args.out, Path(__file__).parent / "results_vision.md", args.quick or args.tiny)
-    results = run(cfg, args.cache_dir, log=lambda s: print(s, flush=True), backbone=backbone)
+    def run_suite() -> dict[str, Any]:
+        return run(cfg, args.cache_dir, log=lambda s: print(s, flush=True), backbone=backbone)
+
+    results = sources.or_exit("python -m benchmarks.vision_suite", run_suite)  # a missing model or dataset: one sentence
     report.publish(results, out, command, header=header)
     return 0
 

@@ -99,3 +99,17 @@ def test_quick_on_the_real_model(tmp_path):
     for by_setting in per_seed["methods"].values():
         for r in by_setting.values():
             assert np.mean(r["per_task"]) > 0.1
+
+
+def test_a_missing_source_ends_in_one_sentence(monkeypatch, capsys):
+    from benchmarks import sources
+
+    def missing(*a, **k):
+        raise sources.MissingSource("Fashion-MNIST was not found in /nowhere: apt-get install dataset-fashion-mnist.")
+
+    monkeypatch.setattr(suite, "run", missing)
+    with pytest.raises(SystemExit) as e:
+        suite.main(["--quick"])
+    assert e.value.code == 2
+    assert capsys.readouterr().err.strip() == ("python -m benchmarks.vision_suite: Fashion-MNIST was not found in "
+                                               "/nowhere: apt-get install dataset-fashion-mnist.")
