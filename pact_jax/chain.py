@@ -48,12 +48,27 @@ class _Step:
     needs_key: bool
 
 
+def _bad_keywords(fn: Callable[..., PyTree]) -> str:
+    """For a ``functools.partial`` binding keywords its function does not take: a sentence naming them."""
+    func, bound = getattr(fn, "func", None), getattr(fn, "keywords", None)
+    if func is None or not bound:
+        return ""
+    try:
+        params = inspect.signature(func).parameters
+    except (TypeError, ValueError):
+        return ""
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return ""
+    unknown = sorted(set(bound) - set(params))
+    return f" {func.__name__} takes no keyword {', '.join(map(repr, unknown))}; it takes {sorted(params)}." if unknown else ""
+
+
 def _step(fn: Callable[..., PyTree]) -> _Step:
     name = getattr(fn, "__name__", None) or getattr(getattr(fn, "func", None), "__name__", repr(fn))
     try:
         params = inspect.signature(fn).parameters
     except (TypeError, ValueError) as e:
-        raise TypeError(f"chain step {name}: cannot read its signature ({e}).") from e
+        raise TypeError(f"chain step {name}: cannot read its signature ({e}).{_bad_keywords(fn)}") from e
     if "stacked" not in params:
         raise TypeError(
             f"chain step {name} takes no 'stacked' argument; steps are functions of "

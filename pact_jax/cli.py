@@ -117,6 +117,7 @@ def _parser() -> argparse.ArgumentParser:
 
     ap = argparse.ArgumentParser(prog="pact-jax", description="Merge fine-tuned JAX/Flax checkpoints, with PACT.")
     ap.add_argument("--traceback", action="store_true", help="print the full traceback on failure")
+    ap.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = ap.add_subparsers(dest="command", required=True)
 
     m = sub.add_parser(
@@ -127,7 +128,8 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("config", nargs="?", help="YAML file whose keys mirror the flags (see README)")
     m.add_argument("--pretrained", help="pre-trained checkpoint")
     m.add_argument("--finetuned", nargs="+", help="fine-tuned checkpoints, one per task")
-    m.add_argument("--method", choices=recipes.METHODS)
+    m.add_argument("--method", choices=recipes.METHODS, metavar="METHOD",
+                   help=f"merging method, one of: {', '.join(recipes.METHODS)}")
     m.add_argument("--pact", action=argparse.BooleanOptionalAction, default=None, help="PACT pre-processing (default: off)")
     m.add_argument("--pact-preset", choices=presets,
                    help="PACT with a named set of hyperparameters (pact_jax.pact.PRESETS; implies --pact; "
@@ -169,7 +171,13 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--num-processes", type=int, metavar="N", help="with --distributed: number of processes")
     m.add_argument("--process-id", type=int, metavar="I", help="with --distributed: this process's id, 0..N-1")
 
-    i = sub.add_parser("inspect", help="show a checkpoint's tree, and task-vector / PACT statistics")
+    i = sub.add_parser(
+        "inspect",
+        help="show a checkpoint's tree, and task-vector / PACT statistics",
+        description="List a checkpoint's leaves (path, shape, dtype, how the merge treats each); with --pretrained "
+        "also the task vectors' norms and PACT's per-matrix statistics (core K, task, reliance and protect "
+        "dimensions, energy removed).",
+    )
     i.add_argument("checkpoint", help="checkpoint to inspect (fine-tuned, if --pretrained is given)")
     i.add_argument("--finetuned", nargs="*", default=[], help="more fine-tuned checkpoints (tasks) for PACT statistics")
     i.add_argument("--pretrained", help="pre-trained checkpoint: adds task-vector norms and PACT's LBW statistics")
@@ -315,6 +323,15 @@ def _float_shapes(path: str, fmt: str | None) -> dict[str, tuple[int, ...]]:
     with io.open_reader(path, fmt) as reader:
         meta = reader.metadata()
     return {p: tuple(s.shape) for p, s in meta.items() if jnp.issubdtype(s.dtype, jnp.floating)}
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("pact_jax")
+    except PackageNotFoundError:  # a source tree on sys.path, not installed
+        return "(not installed)"
 
 
 def _rules(spec: dict[str, str]):

@@ -134,3 +134,13 @@ def test_budget_keeps_input_checks_and_rejects_bad_budgets(tiny_models):
     for budget in (0, -1, 1.5, True):
         with pytest.raises(ValueError, match="budget_bytes"):
             pact_jax.chain(merges.task_arithmetic, budget_bytes=budget)
+
+
+def test_a_misspelled_partial_keyword_is_named():
+    import functools
+
+    import pact_jax
+    from pact_jax import merges
+
+    with pytest.raises(TypeError, match=r"pact takes no keyword 'task_rnk'; it takes \[.*'task_rank'"):
+        pact_jax.chain(functools.partial(pact_jax.pact, task_rnk=0.1), merges.tsv)

@@ -397,3 +397,11 @@ def test_repeated_inputs_merge_with_a_warning(tmp_path, capsys, tiny_checkpoints
     assert f"--finetuned {Path(ft_dirs[0]).resolve()} is given 2 times: it counts 2 times" in err
     assert f"the pre-trained checkpoint {pre_dir} is also given as --finetuned" in err
 
+
+
+def test_version_and_help_lines(capsys):
+    assert cli.main(["--version"]) == 0 and capsys.readouterr().out.strip() == f"pact-jax {pact_jax.__version__}"
+    assert cli.main(["merge", "--help"]) == 0
+    assert "merging method, one of: average, task_arithmetic" in capsys.readouterr().out
+    assert cli.main(["inspect", "--help"]) == 0
+    assert "List a checkpoint's leaves" in capsys.readouterr().out
