@@ -136,6 +136,23 @@ def _dtype(name: str, file: Path, key: str) -> np.dtype:
     return np.dtype(jax.numpy.dtype(_DTYPES[name]))
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+# Read once, at import: os.umask can only be read by setting it.
+_FILE_MODE = 0o666 & ~_umask()
+
+
+def _save(tensors: Mapping[str, np.ndarray], path: Path) -> None:
+    """``safetensors.numpy.save_file`` with the permissions of a file ``open()`` would create: it writes
+    ``-rw-------`` (a private temporary file, renamed), unlike the other formats."""
+    save_file(dict(tensors), str(path), metadata=_META)
+    os.chmod(path, _FILE_MODE)
+
+
 class Writer(CheckpointWriter):
     format = "safetensors"
 
@@ -161,14 +178,14 @@ class Writer(CheckpointWriter):
             self._buffer.update(tensors)
             return
         shard = self._staged / f"shard-{len(self._shards):05d}.safetensors"
-        save_file(tensors, str(shard), metadata=_META)
+        _save(tensors, shard)
         self._shards.append((shard, list(tensors)))
 
     def _commit(self) -> None:
         try:
             if self._single:
                 order = [to_key(p) for p in self.template]
-                save_file({k: self._buffer[k] for k in order}, str(self._staged), metadata=_META)
+                _save({k: self._buffer[k] for k in order}, self._staged)
                 self._buffer.clear()
             else:
                 self._name_shards()

@@ -189,3 +189,21 @@ def test_a_suffix_that_contradicts_the_format_is_refused(tmp_path, name, fmt):
     with pytest.raises(CheckpointError, match=f"suffix .* names the .* format, but {fmt} was asked for"):
         io.save(tmp_path / name, params_tree(), fmt)
     assert not list(tmp_path.iterdir())  # nothing written
+
+
+@pytest.mark.parametrize("fmt,name", TARGETS)
+def test_outputs_get_the_usual_file_permissions(tmp_path, fmt, name):
+    import os
+    import stat
+
+    mask = os.umask(0o022)
+    try:
+        dest = io.save(tmp_path / name, params_tree(), fmt)
+    finally:
+        os.umask(mask)
+    files = [dest] if dest.is_file() else [p for p in dest.rglob("*") if p.is_file()]
+    from pact_jax.io import safetensors as st
+
+    want = st._FILE_MODE  # 0o666 & ~umask, read when the module was imported
+    for f in files:
+        assert stat.S_IMODE(f.stat().st_mode) & 0o044 == want & 0o044, f  # group/other can read as usual
