@@ -494,11 +494,14 @@ def run_demo(cfg: DemoConfig = DemoConfig(), log: Callable[[str], None] | None =
     stacked = pact_jax.task_vectors(pre_enc, ft_encs)
     tv_norms = _task_norms(stacked)
     w0_norm = float(np.sqrt(sum(float(jnp.sum(jnp.square(x))) for x in jax.tree_util.tree_leaves(pre_enc))))
-    # How much PACT takes out of the task vectors, so its effect on accuracy can be read against it.
+    # How much PACT takes out of the task vectors, so its effect on accuracy can be read against it:
+    # ||tau - PACT(tau)||^2 / ||tau||^2 per task, as `inspect` and lbw_statistics report it (not
+    # 1 - ||PACT(tau)||^2 / ||tau||^2: PACT is not an orthogonal projection of the whole vector).
     pact_removed = {}
     for perspective in sorted({recipes.default_perspective(m) for m in cfg.methods}):
-        kept = _task_norms(pact_jax.pact(pre_enc, stacked, perspective=perspective))
-        pact_removed[perspective] = [float(1.0 - (k / n) ** 2) for k, n in zip(kept, tv_norms)]
+        filtered = pact_jax.pact(pre_enc, stacked, perspective=perspective)
+        gone = _task_norms(jax.tree_util.tree_map(lambda a, b: a - b, stacked, filtered))
+        pact_removed[perspective] = [float((g / n) ** 2) for g, n in zip(gone, tv_norms)]
     built = {
         "input_dim": cfg.input_dim,
         "latent_dim": cfg.latent_dim,
