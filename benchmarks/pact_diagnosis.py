@@ -157,6 +157,7 @@ QUICK_VARIANTS = ("none", "paper", "sift", "none_full", "light", "K0.2", "s0.5",
 @dataclasses.dataclass(frozen=True)
 class DiagnosisConfig:
     suite: str = "vit"  # vit | minilm
+    text_tasks: str = "real"  # minilm: 'real' (the default suite) or 'generated' (the earlier 8 generated tasks)
     seed: int = 0
     tasks: int = 8
     variants: tuple[str, ...] = VARIANT_NAMES
@@ -184,7 +185,8 @@ def load_evaluator(cfg: DiagnosisConfig, cache: Path | None, log: Callable[[str]
     if cfg.suite == "minilm":
         from benchmarks import minilm_suite as ms
 
-        scfg = ms.TINY if cfg.tiny else ms.SuiteConfig()
+        scfg = ms.TINY if cfg.tiny else ms.SuiteConfig(zoo=ms.GENERATED_ZOO) if cfg.text_tasks == "generated" \
+            else ms.SuiteConfig()
         zc = scfg.zoo
         _check_tasks(cfg.tasks, zc.num_tasks)
         backbone = ms.load_backbone(scfg)
@@ -892,6 +894,8 @@ def _json_default(x: Any) -> Any:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m benchmarks.pact_diagnosis", description=__doc__.split("\n\n")[0])
     p.add_argument("--suite", choices=("vit", "minilm"), default="vit")
+    p.add_argument("--text-tasks", choices=("real", "generated"), default="real",
+                   help="with --suite minilm: the real-text suite (default) or the earlier 8 generated tasks")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tasks", type=int, default=None, help="T (default 8; --tiny: the tiny zoo's task count)")
     p.add_argument("--variants", nargs="+", default=None, choices=VARIANT_NAMES, help="variants (default: all)")
@@ -910,7 +914,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace) -> DiagnosisConfig:
-    cfg = DiagnosisConfig(suite=args.suite, seed=args.seed, tiny=args.tiny)
+    cfg = DiagnosisConfig(suite=args.suite, text_tasks=args.text_tasks, seed=args.seed, tiny=args.tiny)
     changes: dict[str, Any] = {}
     if args.tiny:
         tiny_t = 4 if args.suite == "vit" else 2
