@@ -117,7 +117,6 @@ import hashlib
 import json
 import os
 import shutil
-import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -129,7 +128,7 @@ import numpy as np
 import optax
 
 import pact_jax
-from benchmarks import minilm, quality, report, sources, topzoo, vit
+from benchmarks import minilm, quality, report, topzoo, vit
 from benchmarks import text_real
 from benchmarks import text_tasks as tt
 from benchmarks import zoo as zoo_mod
@@ -759,17 +758,9 @@ def main(argv: Sequence[str] | None = None, backbone: Backbone | None = None) ->
         cfg = config_from_args(args)
     except ValueError as e:
         parser.error(str(e))
-    bad = [t for t in cfg.task_counts if not 1 <= t <= cfg.zoo.num_tasks]
-    if bad:
-        parser.error(f"--task-counts {bad}: the suite has {cfg.zoo.num_tasks} tasks")
-    command = "python -m benchmarks.minilm_suite" + "".join(f" {a}" for a in (sys.argv[1:] if argv is None else argv))
-    out = default_out(args)
-    def run_suite() -> dict[str, Any]:
-        return run(cfg, args.cache_dir, log=lambda s: print(s, flush=True), backbone=backbone)
-
-    results = sources.or_exit("python -m benchmarks.minilm_suite", run_suite)  # a missing model or dataset: one sentence
-    report.publish(results, out, command, header=header)
-    return 0
+    log = lambda s: print(s, flush=True)  # noqa: E731
+    return topzoo.suite_main("benchmarks.minilm_suite", parser, argv, cfg, default_out(args),
+                             lambda: run(cfg, args.cache_dir, log=log, backbone=backbone), header)
 
 
 if __name__ == "__main__":

@@ -26,8 +26,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from benchmarks import vit
+from benchmarks import report, sources, vit
 from benchmarks import zoo as zoo_mod
 
 PyTree = Any
@@ -178,3 +179,16 @@ def make_accuracy(feature_fn: FeatureFn):
         return jnp.mean(jnp.argmax(vit.head_logits(head, feature_fn(enc, x), ncls), -1) == y)
 
     return jax.jit(jax.vmap(acc, in_axes=(None, 0, 0, 0, 0))), jax.jit(jax.vmap(acc, in_axes=(0, 0, 0, 0, 0)))
+
+
+def suite_main(prog: str, parser: Any, argv: Sequence[str] | None, cfg: Any, out: Path,
+               run: Callable[[], dict[str, Any]], header: Callable[[Mapping[str, Any]], list[str]]) -> int:
+    """The end of a suite's ``main``: refuses task counts above the suite's (``parser.error``), runs
+    (a missing model or dataset ends in one sentence: :func:`benchmarks.sources.or_exit`) and
+    publishes the report with the command line that produced it."""
+    bad = [t for t in cfg.task_counts if not 1 <= t <= cfg.zoo.num_tasks]
+    if bad:
+        parser.error(f"--task-counts {bad}: the suite has {cfg.zoo.num_tasks} tasks")
+    command = f"python -m {prog}" + "".join(f" {a}" for a in (sys.argv[1:] if argv is None else argv))
+    report.publish(sources.or_exit(f"python -m {prog}", run), out, command, header=header)
+    return 0

@@ -67,7 +67,6 @@ import datetime
 import functools
 import hashlib
 import json
-import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -78,7 +77,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import pact_jax
-from benchmarks import dinov2, quality, report, sources, topzoo
+from benchmarks import dinov2, quality, report, topzoo
 from benchmarks import image_tasks as it
 
 PyTree = Any
@@ -440,17 +439,9 @@ def main(argv: Sequence[str] | None = None, backbone: Backbone | None = None) ->
         cfg = config_from_args(args)
     except ValueError as e:
         parser.error(str(e))
-    bad = [t for t in cfg.task_counts if not 1 <= t <= cfg.zoo.num_tasks]
-    if bad:
-        parser.error(f"--task-counts {bad}: the suite has {cfg.zoo.num_tasks} tasks")
-    command = "python -m benchmarks.vision_suite" + "".join(f" {a}" for a in (sys.argv[1:] if argv is None else argv))
-    out = report.output_path(args.out, Path(__file__).parent / "results_vision.md", args.quick or args.tiny)
-    def run_suite() -> dict[str, Any]:
-        return run(cfg, args.cache_dir, log=lambda s: print(s, flush=True), backbone=backbone)
-
-    results = sources.or_exit("python -m benchmarks.vision_suite", run_suite)  # a missing model or dataset: one sentence
-    report.publish(results, out, command, header=header)
-    return 0
+    log = lambda s: print(s, flush=True)  # noqa: E731
+    return topzoo.suite_main("benchmarks.vision_suite", parser, argv, cfg, report.output_path(args.out, Path(__file__).parent / "results_vision.md", args.quick or args.tiny),
+                             lambda: run(cfg, args.cache_dir, log=log, backbone=backbone), header)
 
 
 if __name__ == "__main__":
