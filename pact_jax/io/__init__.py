@@ -35,8 +35,10 @@ from pact_jax.io.base import (
     CheckpointReader,
     CheckpointWriter,
     flatten,
+    is_primary_process,
     unflatten,
 )
+from pact_jax.io import owner
 from pact_jax.tree import PyTree
 
 # name -> module implementing ``Reader``, ``Writer`` and ``detect(path) -> bool``.
@@ -108,16 +110,29 @@ def open_writer(
       overwrite: replace an existing checkpoint at ``path`` (only on commit).
     """
     p = Path(path)
-    if (p.exists() or p.is_symlink()) and not overwrite:
-        raise CheckpointError(f"{p} already exists; refusing to overwrite it (pass --overwrite, or overwrite=True in Python).")
     if format is not None and SUFFIXES.get(p.suffix, format) != format:
         raise CheckpointError(
             f"{p}: its suffix {p.suffix!r} names the {SUFFIXES[p.suffix]} format, but {format} was asked for; "
             f"rename the output or drop the format (--output-format)."
         )
+    if p.parent.exists() and not p.parent.is_dir():
+        raise CheckpointError(f"{p}: its parent {p.parent} is a file, not a directory.")
     p.parent.mkdir(parents=True, exist_ok=True)
-    fmt = format or detect_format(p)
-    return _module(fmt).Writer(p, template, source=source)
+    # One writer per output path (pact_jax.io.owner): the lock first, then the checks it guards.
+    lock = owner.lock_output(p) if is_primary_process() else None
+    try:
+        if (p.exists() or p.is_symlink()) and not overwrite:
+            raise CheckpointError(f"{p} already exists; refusing to overwrite it (pass --overwrite, or overwrite=True in Python).")
+        if lock is not None:
+            owner.remove_leftovers(p)
+        fmt = format or detect_format(p)
+        writer = _module(fmt).Writer(p, template, source=source)
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+    writer.overwrite, writer._lock = overwrite, lock
+    return writer
 
 
 def load(path: str | os.PathLike, format: str | None = None) -> dict:

@@ -138,6 +138,12 @@ class CheckpointWriter(abc.ABC):
     #: in a multi-process run (plain file I/O; no collectives inside).
     runs_on_one_process: bool = True
 
+    #: Set by :func:`pact_jax.io.open_writer`: whether an output that appears at ``path`` while
+    #: writing may be replaced at commit, and the lock of ``path`` (:mod:`pact_jax.io.owner`),
+    #: released by ``commit`` and ``abort``.
+    overwrite: bool = True
+    _lock: Any = None
+
     def __init__(self, path: str | os.PathLike, template: Mapping[str, jax.ShapeDtypeStruct]):
         self.path = Path(path)
         self.template = dict(template)
@@ -166,8 +172,23 @@ class CheckpointWriter(abc.ABC):
                 f"{self.path}: {len(missing)} leaves were never written (first: '{missing[0]}'); "
                 "nothing was published."
             )
-        self._commit()
+        try:
+            self._commit()
+        finally:
+            self._release()
         return self.path
+
+    def abort(self) -> None:
+        """Removes everything written; nothing is published."""
+        try:
+            self._abort()
+        finally:
+            self._release()
+
+    def _release(self) -> None:
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
     @abc.abstractmethod
     def _write(self, arrays: Mapping[str, Any]) -> None: ...
@@ -176,7 +197,7 @@ class CheckpointWriter(abc.ABC):
     def _commit(self) -> None: ...
 
     @abc.abstractmethod
-    def abort(self) -> None: ...
+    def _abort(self) -> None: ...
 
     def __enter__(self) -> CheckpointWriter:
         return self
@@ -184,6 +205,7 @@ class CheckpointWriter(abc.ABC):
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is not None:
             self.abort()
+        self._release()  # a writer left neither committed nor aborted frees its output path
 
 
 # --------------------------------------------------------------------------
@@ -198,13 +220,15 @@ def staging_path(dest: Path, *, shared: bool = False) -> Path:
     gets process 0's name (a collective: every process must call it, in the
     same order), so that they all write into one staging directory.
     """
-    token = uuid.uuid4().hex[:10]
+    from pact_jax.io.owner import owner_tag
+
+    token = f"{owner_tag()}-{uuid.uuid4().hex[:10]}".ljust(40)  # the owner's pid and host: see io.owner
     if shared and jax.process_count() > 1:
         from jax.experimental import multihost_utils
 
-        raw = np.frombuffer(bytes.fromhex(token), np.uint8)
-        token = bytes(np.asarray(multihost_utils.broadcast_one_to_all(raw))).hex()
-    return dest.parent / f"{dest.name}.pact-tmp-{token}"
+        raw = np.frombuffer(token.encode("ascii"), np.uint8)
+        token = bytes(np.asarray(multihost_utils.broadcast_one_to_all(raw))).decode("ascii")
+    return dest.parent / f"{dest.name}.pact-tmp-{token.strip()}"
 
 
 def is_primary_process() -> bool:
@@ -230,18 +254,37 @@ def primary_failed(failed: bool) -> bool:
     return bool(np.asarray(multihost_utils.broadcast_one_to_all(np.asarray(failed))))
 
 
-def publish(staged: Path, dest: Path) -> None:
+def publish(staged: Path, dest: Path, *, overwrite: bool = True) -> None:
     """Moves ``staged`` to ``dest`` with one rename.
 
-    If ``dest`` exists (the caller checked that overwriting is allowed) it is
-    first renamed aside and deleted only after the new checkpoint is in place,
-    so an interruption never leaves ``dest`` half-written.
+    If ``dest`` exists it is first renamed aside (``<dest>.pact-old-<owner>-<token>``) and deleted
+    only after the new checkpoint is in place, so an interruption never leaves ``dest``
+    half-written. ``overwrite=False``: ``dest`` appearing since the writer opened (another program
+    wrote it) is an error, not replaced. If the second rename fails, the old output is moved back;
+    if even that fails, the error says where it is.
     """
+    from pact_jax.io.owner import owner_tag
+
     old = None
     if dest.exists() or dest.is_symlink():
-        old = dest.parent / f"{dest.name}.pact-old-{uuid.uuid4().hex[:10]}"
+        if not overwrite:
+            remove(staged)
+            raise CheckpointError(f"{dest} appeared while this checkpoint was written; refusing to overwrite it "
+                                  "(pass --overwrite, or overwrite=True in Python). Nothing was written.")
+        old = dest.parent / f"{dest.name}.pact-old-{owner_tag()}-{uuid.uuid4().hex[:10]}"
         os.replace(dest, old)
-    os.replace(staged, dest)
+    try:
+        os.replace(staged, dest)
+    except OSError as e:
+        if old is None:
+            raise
+        try:
+            os.replace(old, dest)
+        except OSError:
+            raise CheckpointError(f"{dest}: publishing the new checkpoint failed ({e}), and the previous one could not "
+                                  f"be moved back: it is at {old}; the new one is at {staged}.") from e
+        raise CheckpointError(f"{dest}: publishing the new checkpoint failed ({e}); the previous one is in place, "
+                              f"the new one is at {staged}.") from e
     if old is not None:
         remove(old)
 

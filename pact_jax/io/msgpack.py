@@ -86,12 +86,12 @@ class Writer(CheckpointWriter):
         tree = unflatten({p: self._buffer[p] for p in self.template})
         try:
             self._staged.write_bytes(serialization.msgpack_serialize(tree))
-            publish(self._staged, self.path)
+            publish(self._staged, self.path, overwrite=self.overwrite)
         except BaseException:
             self.abort()
             raise
         self._buffer.clear()
 
-    def abort(self) -> None:
+    def _abort(self) -> None:
         self._buffer.clear()
         remove(self._staged)

@@ -482,7 +482,7 @@ class Writer(CheckpointWriter):
         if is_primary_process():
             try:
                 self._complete()
-                publish(self._staged, self.path)
+                publish(self._staged, self.path, overwrite=self.overwrite)
             except Exception as e:
                 error = e
         if primary_failed(error is not None):
@@ -504,6 +504,6 @@ class Writer(CheckpointWriter):
         (self._staged / _INDICATOR).touch()
         (self._staged / _COMMIT_MARKER).write_text(f"Checkpoint commit was successful to {self.path}")
 
-    def abort(self) -> None:
+    def _abort(self) -> None:
         if is_primary_process():  # the staging directory is process 0's to remove
             remove(self._staged)

@@ -189,7 +189,7 @@ class Writer(CheckpointWriter):
                 self._buffer.clear()
             else:
                 self._name_shards()
-            publish(self._staged, self.path)
+            publish(self._staged, self.path, overwrite=self.overwrite)
         except BaseException:
             self.abort()
             raise
@@ -208,6 +208,6 @@ class Writer(CheckpointWriter):
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (self._staged / INDEX).write_text(json.dumps(index, indent=2))
 
-    def abort(self) -> None:
+    def _abort(self) -> None:
         self._buffer.clear()
         remove(self._staged)

@@ -760,7 +760,7 @@ class _LegacyWriter(Writer):
         except OSError as e:
             raise CheckpointError(f"{self._staged / MSGPACK_FILE}: cannot write ({e}).") from e
         remove(self._staged / _SPILL_DIR)
-        publish(self._staged, self.path)
+        publish(self._staged, self.path, overwrite=self.overwrite)
 
     def _pack(self, f, node: Any, keys: tuple[str, ...]) -> None:
         """Streams ``node`` as msgpack, byte-identical to ``flax.serialization.to_bytes``."""
@@ -788,7 +788,7 @@ class _LegacyWriter(Writer):
         else:
             f.write(serialization.msgpack_serialize(node))
 
-    def abort(self) -> None:
+    def _abort(self) -> None:
         remove(self._staged)
 
 
@@ -894,7 +894,7 @@ class _OrbaxWriter(Writer):
         if src.step_dir is None:  # the source is a bare item directory: so is the output
             if (src.item / COMMIT_MARKER).exists():
                 _marker(staged_item / COMMIT_MARKER, self.path)
-            publish(staged_item, self.path)
+            publish(staged_item, self.path, overwrite=self.overwrite)
             remove(self._staged)
             return
         step = src.step_dir
@@ -920,9 +920,9 @@ class _OrbaxWriter(Writer):
         markers = (ORBAX_INDICATOR, COMMIT_MARKER, STEP_METADATA)
         skip = {src.item.absolute(), *(step.absolute() / n for n in markers)}
         _copy_except(step, self._staged, skip)
-        publish(self._staged, self.path)
+        publish(self._staged, self.path, overwrite=self.overwrite)
 
-    def abort(self) -> None:
+    def _abort(self) -> None:
         # orbax keeps pending partial saves in siblings named after the staging path.
         for p in self._staged.parent.glob(self._staged.name + "*"):
             remove(p)
