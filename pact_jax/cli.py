@@ -26,6 +26,7 @@ import argparse
 import json
 import math
 import os
+import signal
 import sys
 import time
 import traceback
@@ -37,6 +38,16 @@ import yaml
 
 USAGE_ERROR = 2
 FAILURE = 1
+INTERRUPTED = 130  # 128 + SIGINT, as shells report it
+TERMINATED = 143  # 128 + SIGTERM
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the program is, so that it unwinds (and cleans up) as on Ctrl-C."""
+
+
+def _raise_terminated(signum: int, frame: Any) -> None:
+    raise Terminated()
 
 # Config-file keys (also the flags' dest names); values are checked by argparse-like converters below.
 _CONFIG_KEYS = {
@@ -612,10 +623,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # `pact-jax inspect ... | head`
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - silence the flush at exit
         return 0
-    except KeyboardInterrupt:
-        print(f"pact-jax {args.command}: interrupted after {time.perf_counter() - start:.0f} s; nothing was written.",
+    except KeyboardInterrupt as e:  # the writers' with-blocks removed what this run had staged
+        what = "terminated" if isinstance(e, Terminated) else "interrupted"
+        print(f"pact-jax {args.command}: {what} after {time.perf_counter() - start:.0f} s; nothing was written.",
               file=sys.stderr)  # fmt: skip
-        return FAILURE
+        return TERMINATED if isinstance(e, Terminated) else INTERRUPTED
     except Exception as e:  # noqa: BLE001 - every failure becomes a message and exit code 1
         if args.traceback:
             traceback.print_exc()
@@ -625,7 +637,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def entry_point() -> None:  # console script
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    sys.exit(main())
+    signal.signal(signal.SIGTERM, _raise_terminated)
+    code = main()
+    if code in (INTERRUPTED, TERMINATED):
+        # Interpreter teardown with JAX / TensorStore threads stopped mid-work segfaulted in about half
+        # of the Ctrl-C runs (rc -11 after the message): the run has cleaned up, so skip the teardown.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -405,3 +405,36 @@ def test_version_and_help_lines(capsys):
     assert "merging method, one of: average, task_arithmetic" in capsys.readouterr().out
     assert cli.main(["inspect", "--help"]) == 0
     assert "List a checkpoint's leaves" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("sig,code,word", [("SIGINT", 130, "interrupted"), ("SIGTERM", 143, "terminated")])
+def test_interrupt_and_terminate_exit_cleanly_and_leave_nothing(tmp_path, sig, code, word):
+    import signal
+    import textwrap
+
+    out = tmp_path / "merged.msgpack"
+    script = textwrap.dedent(f"""
+        import sys, time
+        import numpy as np, jax
+        from pact_jax import cli, io
+
+        def slow_merge(cfg):  # stands in for a long merge: a writer open, its staging file on disk
+            with io.open_writer(cfg["output"], {{"w": jax.ShapeDtypeStruct((2,), np.float32)}}) as w:
+                w._staged.write_text("half written")
+                print("writing", flush=True)
+                time.sleep(120)
+            return 0
+
+        cli.run_merge = slow_merge
+        sys.argv = ["pact-jax", "merge", "--pretrained", "pre", "--finetuned", "ft", "--method", "task_arithmetic",
+                    "--output", {str(out)!r}]
+        cli.entry_point()
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "writing"
+    assert len(list(tmp_path.iterdir())) == 2  # the lock and the staging file
+    proc.send_signal(getattr(signal, sig))
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == code, err
+    assert f"pact-jax merge: {word} after" in err and "nothing was written" in err
+    assert list(tmp_path.iterdir()) == []
