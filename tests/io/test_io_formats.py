@@ -207,3 +207,9 @@ def test_outputs_get_the_usual_file_permissions(tmp_path, fmt, name):
     want = st._FILE_MODE  # 0o666 & ~umask, read when the module was imported
     for f in files:
         assert stat.S_IMODE(f.stat().st_mode) & 0o044 == want & 0o044, f  # group/other can read as usual
+
+
+def test_an_output_whose_parent_is_a_file_is_named(tmp_path):
+    (tmp_path / "pre.msgpack").write_text("a file")
+    with pytest.raises(CheckpointError, match=r"merged: its parent .*pre.msgpack is a file, not a directory"):
+        io.save(tmp_path / "pre.msgpack" / "merged", params_tree())
