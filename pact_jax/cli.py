@@ -354,6 +354,20 @@ def _rules(spec: dict[str, str]):
         raise UsageError(f"bad leaf rules {spec}: {e}") from e
 
 
+def _warn_unmatched_rules(spec: dict[str, str], pretrained: str, fmt: str | None) -> None:
+    """A leaf rule (--freeze, --average, ... or YAML ``rules:``) that matches no leaf of the model is
+    most likely a typo: say so on stderr (the merge goes on without it)."""
+    import re
+
+    if not spec:
+        return
+    paths = list(_float_shapes(pretrained, fmt))
+    for key, pattern in spec.items():
+        if pattern and not any(re.search(pattern, p) for p in paths):
+            print(f"pact-jax merge: warning: leaf rule {key}: {pattern!r} (--{key.replace('_', '-')}) matches no leaf "
+                  f"of {pretrained}", file=sys.stderr)  # fmt: skip
+
+
 def _warn_repeated_inputs(pretrained: str, finetuned: Sequence[str]) -> None:
     """A fine-tuned input that is the pre-trained one (a zero task vector) or given twice (counted
     twice) is legal but rarely meant: say so on stderr."""
@@ -387,6 +401,7 @@ def run_merge(cfg: dict[str, Any]) -> int:
         svd=cfg.get("svd"),
     )
     rules = _rules(cfg["rules"])
+    _warn_unmatched_rules(cfg["rules"], cfg["pretrained"], cfg.get("format"))
     try:
         transform, t_kw = recipes.transform_settings(cfg["method"], **recipe)
     except ValueError as e:

@@ -438,3 +438,14 @@ def test_interrupt_and_terminate_exit_cleanly_and_leave_nothing(tmp_path, sig, c
     assert proc.returncode == code, err
     assert f"pact-jax merge: {word} after" in err and "nothing was written" in err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_leaf_rule_that_matches_nothing_warns(tmp_path, capsys, tiny_checkpoints):
+    pre_dir, ft_dirs, *_ = tiny_checkpoints
+    code, _, err = run(capsys, *merge_args(pre_dir, ft_dirs, tmp_path / "out", "--method", "task_arithmetic",
+                                           "--freeze", "classifier"))  # fmt: skip
+    assert code == 0, err
+    assert f"warning: leaf rule freeze: 'classifier' (--freeze) matches no leaf of {pre_dir}" in err
+    code, _, err = run(capsys, *merge_args(pre_dir, ft_dirs, tmp_path / "out2", "--method", "task_arithmetic",
+                                           "--freeze", "kernel"))  # fmt: skip
+    assert code == 0 and "matches no leaf" not in err
