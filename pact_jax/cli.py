@@ -553,7 +553,10 @@ def _task_statistics(args: argparse.Namespace, reader) -> dict[str, Any]:
     readers = [reader] + [io.open_reader(p, args.format) for p in args.finetuned]
     check_compatible(pre_reader, readers)
     pre = pre_reader.load()
-    stacked = pact_jax.task_vectors(pre, [r.load() for r in readers])
+    fts = [r.load() for r in readers]
+    for name, tree in zip([args.pretrained, args.checkpoint, *args.finetuned], [pre, *fts]):
+        pact_jax.check_finite(tree, str(name))  # name the file, not "finetuned[0]"
+    stacked = pact_jax.task_vectors(pre, fts)
     from pact_jax import recipes
 
     pact_kwargs = dict(args.pact_arg)

@@ -449,3 +449,12 @@ def test_a_leaf_rule_that_matches_nothing_warns(tmp_path, capsys, tiny_checkpoin
     code, _, err = run(capsys, *merge_args(pre_dir, ft_dirs, tmp_path / "out2", "--method", "task_arithmetic",
                                            "--freeze", "kernel"))  # fmt: skip
     assert code == 0 and "matches no leaf" not in err
+
+
+def test_inspect_names_the_file_holding_nan(tmp_path, capsys, tiny_checkpoints):
+    pre_dir, ft_dirs, pre, fts = tiny_checkpoints
+    bad = jax.tree_util.tree_map(lambda x: np.asarray(x).copy(), fts[0])
+    bad["params"]["dense_0"]["kernel"][0, 0] = np.nan
+    bad_dir = io.save(tmp_path / "nan_ft", bad, "orbax")
+    code, _, err = run(capsys, "inspect", bad_dir, "--pretrained", pre_dir)
+    assert code == 1 and f"{bad_dir}: leaf 'params/dense_0/kernel' holds non-finite values" in err, err
