@@ -14,7 +14,9 @@ axis: e.g. the frozen bottom's cached tokens). This module gives it
 * :func:`make_accuracy`: the ``(shared, per_task)`` accuracy functions of
   :class:`benchmarks.quality.TaskEvaluator`;
 * :func:`run_seeds`: a suite's driver loop, each seed's zoo built or loaded,
-  then every method evaluated per task count and seed.
+  then every method evaluated per task count and seed;
+* :func:`suite_main`: the end of a suite's ``main`` (task counts checked, a
+  missing model or dataset in one sentence, the report published).
 
 The training config is duck-typed: any object with ``probe_steps``,
 ``probe_batch``, ``probe_lr``, ``finetune_steps``, ``finetune_batch``,
