@@ -151,7 +151,7 @@ def _finite_rows(tree: Any, n: int) -> np.ndarray | None:
     for leaf in jax.tree_util.tree_leaves(tree):
         if isinstance(leaf, jax.core.Tracer):
             return None
-        if jnp.issubdtype(jnp.result_type(leaf), jnp.inexact):
+        if jnp.issubdtype(jnp.result_type(leaf), jnp.inexact) and jnp.size(leaf):
             ok &= np.asarray(jnp.isfinite(jnp.reshape(leaf, (n, -1))).all(axis=1))
     return ok
 
