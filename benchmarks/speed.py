@@ -1,6 +1,6 @@
 """Speed and memory of pact_jax merges against plain NumPy / PyTorch loops (issue 6).
 
-    python -m benchmarks.speed                     # default grid (about 20-30 min on a quiet 2-core CPU)
+    python -m benchmarks.speed                     # default grid (--dry-run estimates its time here: 40-80 min on 2 cores)
     python -m benchmarks.speed --quick --out /tmp/speed      # tiny shapes, seconds (the CI test)
     python -m benchmarks.speed --models vit_b32 --tasks 8 --recipes pact_tsv --svd exact   # one cell, full model
     python -m benchmarks.speed --profile /tmp/prof --models vit_b32 --depth 1 --tasks 8    # hotspots
