@@ -351,10 +351,18 @@ def _to_host(arrays: Mapping[str, Any]) -> dict[str, np.ndarray]:
 
 
 def _progress(progress, groups):
+    """``groups``, counted by a progress bar of leaves (a one-group model is not 0 % then 100 %); tqdm
+    draws it only when stderr is a terminal (``disable=None``). A callable ``progress`` wraps them instead."""
     if callable(progress):
         return progress(groups)
-    if progress:
-        from tqdm.auto import tqdm
+    if not progress:
+        return groups
+    from tqdm.auto import tqdm
 
-        return tqdm(groups, desc="merging", unit="group")
-    return groups
+    def counted():
+        with tqdm(total=sum(len(g) for g in groups), desc="merging", unit="leaf", disable=None) as bar:
+            for group in groups:
+                yield group
+                bar.update(len(group))
+
+    return counted()

@@ -152,3 +152,33 @@ def test_no_arrays_outlive_their_group(tmp_path, tiny_checkpoints):
     )
     assert report.num_groups == len(live) > 5
     assert max(live) == min(live), live
+
+
+def test_the_progress_bar_counts_leaves_and_stays_silent_off_a_terminal(capsys, monkeypatch):
+    import tqdm.auto
+
+    from pact_jax.io import streaming
+
+    groups = [["a", "b", "c"], ["d"]]
+    assert list(streaming._progress(True, groups)) == groups
+    assert capsys.readouterr().err == ""  # pytest's stderr is not a terminal: tqdm(disable=None) draws nothing
+    assert streaming._progress(False, groups) is groups
+
+    seen = {}
+
+    class Bar:
+        def __init__(self, total, disable, **kw):
+            seen.update(total=total, disable=disable, updates=[])
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def update(self, n):
+            seen["updates"].append(n)
+
+    monkeypatch.setattr(tqdm.auto, "tqdm", Bar)
+    list(streaming._progress(True, groups))
+    assert seen == {"total": 4, "disable": None, "updates": [3, 1]}
