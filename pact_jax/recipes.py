@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import warnings
 from collections.abc import Callable, Mapping
 from typing import Any, Literal
 
@@ -137,6 +138,13 @@ def transform_settings(
         return None, {}
     user = dict(pact_kwargs or {})
     perspective = user.get("perspective", default_perspective(method))
+    if perspective == "subspace" and method in SCALAR_METHODS:
+        warnings.warn(
+            f"PACT's subspace perspective before {method}: {method} trims and elects signs entry by entry, and the "
+            "filtered task vectors are dense low-rank updates; no benchmark here measures this pairing (the "
+            f"default before {method} is the scalar-weight perspective).",
+            stacklevel=3,
+        )
     kw: dict[str, Any] = {"perspective": perspective}
     if pact_preset is not None:
         presets = pact_presets()

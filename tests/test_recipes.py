@@ -31,7 +31,8 @@ def test_preset_with_a_scalar_method_is_an_error_unless_paper_or_subspace():
     with pytest.raises(ValueError, match="scalar-weight perspective"):
         recipes.make_merge("dare_ties", pact_preset="release")
     assert recipes.transform_settings("ties", pact_preset="paper") == ("pact", {"perspective": "scalar"})
-    _, kw = recipes.transform_settings("ties", pact_preset="light", pact_kwargs={"perspective": "subspace"})
+    with pytest.warns(UserWarning, match="subspace perspective before ties"):
+        _, kw = recipes.transform_settings("ties", pact_preset="light", pact_kwargs={"perspective": "subspace"})
     assert kw["perspective"] == "subspace" and kw["align_threshold"] == 0.9
     with pytest.raises(ValueError, match="unknown PACT preset 'heavy'"):
         recipes.make_merge("tsv", pact_preset="heavy")
@@ -107,3 +108,14 @@ def test_budget_resolves_layer_ratio_over_the_whole_model(tiny_models, monkeypat
     shapes = {p: tuple(x.shape) for p, x in pact_jax.tree.leaves_with_paths(pre)}
     recipes.make_merge("task_arithmetic", use_pact=True, shapes=shapes, **kw)(pre, fts)
     assert seen == [("params/conv/kernel", "params/dense_0/kernel", "params/dense_1/kernel")]
+
+
+def test_the_subspace_perspective_before_ties_warns():
+    with pytest.warns(UserWarning, match="PACT's subspace perspective before ties"):
+        recipes.transform_settings("ties", use_pact=True, pact_kwargs={"perspective": "subspace"})
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        recipes.transform_settings("ties", use_pact=True)  # the scalar default: no warning
+        recipes.transform_settings("tsv", use_pact=True, pact_kwargs={"perspective": "subspace"})
