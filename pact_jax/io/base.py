@@ -161,7 +161,8 @@ class CheckpointWriter(abc.ABC):
                     f"{self.path}: leaf '{p}' is {np.shape(a)} {a.dtype}, the template says "
                     f"{want.shape} {want.dtype}."
                 )
-        self._write(arrays)
+        with _named_disk_errors(self.path, f"writing {len(arrays)} leaves"):
+            self._write(arrays)
         self._written.update(arrays)
 
     def commit(self) -> Path:
@@ -173,7 +174,8 @@ class CheckpointWriter(abc.ABC):
                 "nothing was published."
             )
         try:
-            self._commit()
+            with _named_disk_errors(self.path, "finishing the checkpoint"):
+                self._commit()
         finally:
             self._release()
         return self.path
@@ -206,6 +208,38 @@ class CheckpointWriter(abc.ABC):
         if exc_type is not None:
             self.abort()
         self._release()  # a writer left neither committed nor aborted frees its output path
+
+
+def no_space(e: BaseException) -> bool:
+    """Whether ``e`` (or what it was raised from) is a full disk: ``ENOSPC``, or its text in a message
+    (safetensors and TensorStore wrap it in their own errors)."""
+    import errno
+
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC or "No space left on device" in str(e):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+@contextlib.contextmanager
+def _named_disk_errors(path: Path, doing: str):
+    """A full disk while writing ``path`` becomes one sentence naming it and the space left."""
+    try:
+        yield
+    except CheckpointError:
+        raise
+    except Exception as e:
+        if not no_space(e):
+            raise
+        try:
+            free = human_bytes(shutil.disk_usage(path.parent).free)
+        except OSError:
+            free = "unknown"
+        raise CheckpointError(f"{path}: no space left on device while {doing} ({free} free on its file system); "
+                              "nothing was published.") from e
 
 
 # --------------------------------------------------------------------------

@@ -213,3 +213,25 @@ def test_an_output_whose_parent_is_a_file_is_named(tmp_path):
     (tmp_path / "pre.msgpack").write_text("a file")
     with pytest.raises(CheckpointError, match=r"merged: its parent .*pre.msgpack is a file, not a directory"):
         io.save(tmp_path / "pre.msgpack" / "merged", params_tree())
+
+
+@pytest.mark.parametrize("fmt,name", TARGETS)
+def test_a_full_disk_is_one_sentence_naming_the_output(tmp_path, monkeypatch, fmt, name):
+    import errno
+
+    from pact_jax.io import base
+
+    writer_cls = io._module(fmt).Writer
+    orig = writer_cls._commit
+
+    def full(self):
+        if fmt == "orbax":  # TensorStore's way: the errno text inside a long message of its own
+            raise ValueError('{"error": "...", "message": "Error writing file: No space left on device [OS error: 28]"}')
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(writer_cls, "_commit", full)
+    with pytest.raises(CheckpointError, match=rf"{tmp_path / name}: no space left on device while finishing the "
+                                              r"checkpoint \(.* free on its file system\); nothing was published"):
+        io.save(tmp_path / name, params_tree(), fmt)
+    monkeypatch.setattr(writer_cls, "_commit", orig)
+    assert base.no_space(OSError(errno.ENOSPC, "x")) and not base.no_space(ValueError("other"))
