@@ -312,6 +312,11 @@ class ItemLeaves:
         try:
             arrays = dict(zip(host + placed, _run(read())))
         except Exception as e:  # tensorstore and orbax raise many types for missing or broken data
+            if len(names) > 1:  # name the broken leaf, not the group: read them one by one
+                for p in names:
+                    self.read({p: names[p]}, meta, {p: shardings[p]} if p in shardings else None)
+            if len(names) == 1:
+                raise CheckpointError(f"{self.item}: cannot read leaf '{next(iter(names))}' ({e}).") from e
             raise CheckpointError(f"{self.item}: cannot read leaves {list(names)[:3]}... ({e}).") from e
         check_restored_shapes(self.item, arrays, meta)
         return arrays

@@ -235,3 +235,21 @@ def test_a_full_disk_is_one_sentence_naming_the_output(tmp_path, monkeypatch, fm
         io.save(tmp_path / name, params_tree(), fmt)
     monkeypatch.setattr(writer_cls, "_commit", orig)
     assert base.no_space(OSError(errno.ENOSPC, "x")) and not base.no_space(ValueError("other"))
+
+
+def test_a_corrupt_orbax_leaf_is_named_itself(tmp_path, monkeypatch):
+    """OCDBT stores every leaf in shared files, so one leaf's data cannot be broken alone on disk: the
+    failure is injected where orbax opens that leaf. The group fails; the reader then names the leaf."""
+    from pact_jax.io import orbax as orbax_io
+
+    dest = io.save(tmp_path / "c", params_tree(), "orbax")
+    real = orbax_io._param_info
+
+    def broken(item, name, *args):
+        if "norm" in name and "scale" in name:
+            raise ValueError("DATA_LOSS: Error reading chunk: corrupted")
+        return real(item, name, *args)
+
+    monkeypatch.setattr(orbax_io, "_param_info", broken)
+    with pytest.raises(CheckpointError, match=r"c/state: cannot read leaf 'params/norm/scale' \(DATA_LOSS"):
+        io.load(dest)
