@@ -24,6 +24,7 @@ import inspect
 from collections.abc import Callable, Sequence
 
 import jax
+import jax.numpy as jnp
 
 from pact_jax import buckets
 from pact_jax.tree import (
@@ -31,6 +32,7 @@ from pact_jax.tree import (
     PyTree,
     apply_delta,
     check_alpha,
+    check_same_leaves,
     check_task_list,
     leaves_with_paths,
     path_str,
@@ -93,6 +95,9 @@ def chain(
     ``apply_delta(pretrained, delta, alpha)``. It is pure and jit-able (with
     ``key`` as an argument). ``merge.delta(pretrained, finetuned, *, key=None)``
     returns ``delta`` alone, for sweeping ``alpha`` without recomputing it.
+    Non-float leaves (integer buffers such as ``position_ids``) are not merged:
+    the result keeps their pre-trained value (their delta is zero), as the
+    CLI does; their shapes and dtypes must agree across the inputs.
 
     Args:
       *steps: zero or more transforms ``(stacked -> stacked)`` followed by one
@@ -139,13 +144,20 @@ def chain(
             stacked = run(step, pretrained, stacked, k)
         return run(described[-1], pretrained, stacked, keys[-1])
 
-    def delta(pretrained: PyTree, finetuned: Sequence[PyTree], *, key: jax.Array | None = None) -> PyTree:
+    def float_delta(pretrained: PyTree, finetuned: Sequence[PyTree], key: jax.Array | None) -> PyTree:
         if key is None and key_names:
             raise ValueError(f"steps {key_names} need a PRNG key: call merge(..., key=jax.random.key(0)).")
         keys = [None] * len(described) if key is None else list(jax.random.split(key, len(described)))
         if budget_bytes is None:
             return run_steps(pretrained, finetuned, keys)
         return _grouped(run_steps, pretrained, finetuned, keys, budget_bytes)
+
+    def delta(pretrained: PyTree, finetuned: Sequence[PyTree], *, key: jax.Array | None = None) -> PyTree:
+        held = _held_paths(pretrained, finetuned)
+        if not held:
+            return float_delta(pretrained, finetuned, key)
+        d = float_delta(_without(pretrained, held), [_without(ft, held) for ft in finetuned], key)
+        return jax.tree_util.tree_map(lambda w0, x: jnp.zeros_like(w0) if x is None else x, pretrained, d)
 
     def merge(
         pretrained: PyTree,
@@ -154,11 +166,32 @@ def chain(
         key: jax.Array | None = None,
         alpha: float | jax.Array = alpha,
     ) -> PyTree:
-        return apply_delta(pretrained, delta(pretrained, finetuned, key=key), alpha)
+        held = _held_paths(pretrained, finetuned)
+        if not held:
+            return apply_delta(pretrained, float_delta(pretrained, finetuned, key), alpha)
+        base = _without(pretrained, held)
+        out = apply_delta(base, float_delta(base, [_without(ft, held) for ft in finetuned], key), alpha)
+        return jax.tree_util.tree_map(lambda w0, x: w0 if x is None else x, pretrained, out)
 
     merge.delta = delta  # type: ignore[attr-defined]
     merge.__doc__ = f"Merge with chain({', '.join(s.name for s in described)}), alpha={alpha}."
     return merge
+
+
+def _held_paths(pretrained: PyTree, finetuned: Sequence[PyTree]) -> set[str]:
+    """Paths of the non-float leaves (integer buffers such as ``position_ids``, step counters): they are
+    not merged but kept at the pre-trained value, as the CLI does. Their structure, shapes and dtypes must
+    still agree across the inputs (checked here; the float leaves are checked by ``task_vectors``)."""
+    held = {p for p, x in leaves_with_paths(pretrained) if not jnp.issubdtype(jnp.result_type(x), jnp.floating)}
+    if held and isinstance(finetuned, Sequence) and not isinstance(finetuned, (str, bytes, dict)):
+        for i, ft in enumerate(finetuned):
+            check_same_leaves(pretrained, ft, "pretrained", f"finetuned[{i}]")
+    return held
+
+
+def _without(tree: PyTree, paths: set[str]) -> PyTree:
+    """``tree`` with the leaves at ``paths`` replaced by ``None`` (empty sub-trees: other paths unchanged)."""
+    return jax.tree_util.tree_map_with_path(lambda p, x: None if path_str(p) in paths else x, tree)
 
 
 def _grouped(

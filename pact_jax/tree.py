@@ -96,7 +96,8 @@ def check_floating(tree: PyTree, what: str) -> None:
         if not jnp.issubdtype(jnp.result_type(leaf), jnp.floating):
             raise PactInputError(
                 f"{what}: leaf '{path}' has dtype {jnp.result_type(leaf)}; only floating "
-                "point parameters can be merged (drop integer leaves before merging)."
+                "point parameters can be merged (pact_jax.chain and recipes.make_merge keep integer leaves at "
+                "their pre-trained value; drop them before calling this function)."
             )
 
 

@@ -144,3 +144,31 @@ def test_a_misspelled_partial_keyword_is_named():
 
     with pytest.raises(TypeError, match=r"pact takes no keyword 'task_rnk'; it takes \[.*'task_rank'"):
         pact_jax.chain(functools.partial(pact_jax.pact, task_rnk=0.1), merges.tsv)
+
+
+@pytest.mark.parametrize("budget", [None, 64])
+def test_integer_leaves_are_kept_at_the_pretrained_value(budget):
+    """Integer buffers (position ids, step counters) are not merged: the result keeps the pre-trained
+    value, as the CLI does; the float leaves merge exactly as without them."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    import pact_jax
+    from pact_jax import merges
+    from pact_jax.tree import PactInputError
+
+    key = jax.random.key(0)
+    pre = {"w": jax.random.normal(key, (6, 5)), "b": jnp.zeros(5), "pos": jnp.arange(7, dtype=jnp.int32)}
+    fts = [{**pre, "w": pre["w"] + 0.1 * jax.random.normal(jax.random.fold_in(key, i), (6, 5)),
+            "b": pre["b"] + 0.01 * i} for i in (1, 2, 3)]
+    merge = pact_jax.chain(pact_jax.pact, merges.tsv, alpha=0.7, budget_bytes=budget)
+    out = merge(pre, fts)
+    floats = merge({k: pre[k] for k in ("w", "b")}, [{k: f[k] for k in ("w", "b")} for f in fts])
+    assert out["pos"].dtype == jnp.int32 and np.array_equal(out["pos"], pre["pos"])
+    chex.assert_trees_all_close({k: out[k] for k in ("w", "b")}, floats)
+    d = merge.delta(pre, fts)
+    assert d["pos"].dtype == jnp.int32 and not np.asarray(d["pos"]).any()
+    chex.assert_trees_all_close(jax.jit(merge)(pre, fts), out, atol=1e-5)
+    bad = [{**f, "pos": jnp.arange(8, dtype=jnp.int32)} for f in fts]
+    with pytest.raises(PactInputError, match="finetuned\\[0\\]: leaf 'pos' has shape \\(8,\\)"):
+        merge(pre, bad)
