@@ -458,3 +458,16 @@ def test_inspect_names_the_file_holding_nan(tmp_path, capsys, tiny_checkpoints):
     bad_dir = io.save(tmp_path / "nan_ft", bad, "orbax")
     code, _, err = run(capsys, "inspect", bad_dir, "--pretrained", pre_dir)
     assert code == 1 and f"{bad_dir}: leaf 'params/dense_0/kernel' holds non-finite values" in err, err
+
+
+def test_integer_leaves_follow_one_rule_in_cli_and_api(tmp_path, capsys, tiny_models):
+    pre, fts = tiny_models
+    with_ids = lambda t: {**t, "buffers": {"position_ids": np.arange(6, dtype=np.int32)}}  # noqa: E731
+    pre_i, fts_i = with_ids(pre), [with_ids(f) for f in fts]
+    pre_dir = io.save(tmp_path / "pre", pre_i, "orbax")
+    ft_dirs = [io.save(tmp_path / f"ft{i}", f, "orbax") for i, f in enumerate(fts_i)]
+    code, _, err = run(capsys, *merge_args(pre_dir, ft_dirs, tmp_path / "out", "--method", "tsv", "--alpha", "0.5"))
+    assert code == 0, err
+    want = recipes.make_merge("tsv", alpha=0.5)(pre_i, fts_i)  # the API merges the same tree
+    assert_params_close(io.load(tmp_path / "out"), want)
+    assert np.asarray(io.load(tmp_path / "out")["buffers"]["position_ids"]).dtype == np.int32
