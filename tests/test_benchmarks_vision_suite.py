@@ -113,3 +113,18 @@ def test_a_missing_source_ends_in_one_sentence(monkeypatch, capsys):
     assert e.value.code == 2
     assert capsys.readouterr().err.strip() == ("python -m benchmarks.vision_suite: Fashion-MNIST was not found in "
                                                "/nowhere: apt-get install dataset-fashion-mnist.")
+
+
+def test_train_never_holds_validation_or_test_images():
+    """make_data is called for ("val", "test") and, when a seed is built, for ("train",) alone: the
+    splits must still be dealt from all three sizes (else train took the val / test images)."""
+    zc = suite.TINY.zoo
+    backbone = suite.load_backbone("tiny")
+    train = suite.make_data(zc, backbone, ("train",))["train"]
+    held_out = suite.make_data(zc, backbone, ("val", "test"))
+    for t in range(len(train.n)):
+        rows = {r.tobytes() for r in np.asarray(train.x[t][: train.n[t]]).reshape(int(train.n[t]), -1)}
+        for split in ("val", "test"):
+            d = held_out[split]
+            other = np.asarray(d.x[t][: d.n[t]]).reshape(int(d.n[t]), -1)
+            assert not any(r.tobytes() in rows for r in other), (t, split)
