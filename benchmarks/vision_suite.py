@@ -44,7 +44,7 @@ Alpha grids: 10 points per authors' grid and per whole-grid search
 seed runs 21 (method, setting) searches of 4-20 points (with the widening and
 the refinement below a grid) plus their merges and test evaluations, 4-5
 minutes per seed at 28x28 here (10.5 min at 56x56); the whole 3-seed run took
-26 minutes next to the MiniLM suite's. ``--points 30 --full-points 30`` runs
+12 minutes alone (26 next to the MiniLM suite's run). ``--points 30 --full-points 30`` runs
 the authors' grids (about 3x the evaluation time).
 
 Checkpoints: ``<cache>/<config hash>/seed<s>/`` (:func:`benchmarks.topzoo.cached_seed`),
