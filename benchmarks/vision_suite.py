@@ -441,7 +441,8 @@ def main(argv: Sequence[str] | None = None, backbone: Backbone | None = None) ->
     except ValueError as e:
         parser.error(str(e))
     log = lambda s: print(s, flush=True)  # noqa: E731
-    return topzoo.suite_main("benchmarks.vision_suite", parser, argv, cfg, report.output_path(args.out, Path(__file__).parent / "results_vision.md", args.quick or args.tiny),
+    out = report.output_path(args.out, Path(__file__).parent / "results_vision.md", args.quick or args.tiny)
+    return topzoo.suite_main("benchmarks.vision_suite", parser, argv, cfg, out,
                              lambda: run(cfg, args.cache_dir, log=log, backbone=backbone), header)
 
 

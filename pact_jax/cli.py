@@ -354,14 +354,11 @@ def _rules(spec: dict[str, str]):
         raise UsageError(f"bad leaf rules {spec}: {e}") from e
 
 
-def _warn_unmatched_rules(spec: dict[str, str], pretrained: str, fmt: str | None) -> None:
+def _warn_unmatched_rules(spec: dict[str, str], pretrained: str, paths: Sequence[str]) -> None:
     """A leaf rule (--freeze, --average, ... or YAML ``rules:``) that matches no leaf of the model is
     most likely a typo: say so on stderr (the merge goes on without it)."""
     import re
 
-    if not spec:
-        return
-    paths = list(_float_shapes(pretrained, fmt))
     for key, pattern in spec.items():
         if pattern and not any(re.search(pattern, p) for p in paths):
             print(f"pact-jax merge: warning: leaf rule {key}: {pattern!r} (--{key.replace('_', '-')}) matches no leaf "
@@ -401,7 +398,6 @@ def run_merge(cfg: dict[str, Any]) -> int:
         svd=cfg.get("svd"),
     )
     rules = _rules(cfg["rules"])
-    _warn_unmatched_rules(cfg["rules"], cfg["pretrained"], cfg.get("format"))
     try:
         transform, t_kw = recipes.transform_settings(cfg["method"], **recipe)
     except ValueError as e:
@@ -419,7 +415,10 @@ def run_merge(cfg: dict[str, Any]) -> int:
             "matrices of the subspace perspective and of SIFT (--pact-arg perspective=subspace to use it)"
         )
     # The scope, resolved over the whole model: the merge may see one group of leaves at a time.
-    shapes = _float_shapes(cfg["pretrained"], cfg.get("format")) if scoped else None
+    # One read of the pre-trained metadata serves the rule check and the scope.
+    float_shapes = _float_shapes(cfg["pretrained"], cfg.get("format")) if (cfg["rules"] or scoped) else {}
+    _warn_unmatched_rules(cfg["rules"], cfg["pretrained"], list(float_shapes))
+    shapes = float_shapes if scoped else None
     try:
         merge = recipes.make_merge(
             cfg["method"],
