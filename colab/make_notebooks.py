@@ -9,7 +9,6 @@ committed files match this script.
 from __future__ import annotations
 
 import sys
-import tomllib
 from pathlib import Path
 
 import nbformat
@@ -17,38 +16,16 @@ from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 
 HERE = Path(__file__).resolve().parent
 
-ROOT = HERE.parent
-
-
-def repo_url() -> str | None:
-    """Where a fresh Colab runtime installs pact_jax from: ``[project.urls]`` of pyproject.toml.
-
-    The one place the URL is defined; the install cell gets it when the
-    notebooks are generated (``None`` while pyproject.toml names none).
-    """
-    with open(ROOT / "pyproject.toml", "rb") as f:
-        urls = tomllib.load(f)["project"].get("urls", {})
-    return next((urls[k] for k in ("Repository", "Source", "Homepage") if urls.get(k)), None)
-
-
-def install_cell() -> str:
-    url = repo_url()
-    comment = (
-        "from pyproject.toml [project.urls] (colab/make_notebooks.py writes it here)"
-        if url
-        else "pyproject.toml names no [project.urls] Repository yet: put pact_jax's git URL here"
-    )
-    return INSTALL.replace("REPO_URL = None  # COMMENT", f"REPO_URL = {url!r}  # {comment}")
-
-
+# A Colab form field (``# @param``) names the package source; nothing is invented: with the field
+# empty and pact_jax not importable the cell stops with one sentence saying what to paste.
 INSTALL = r'''# Install pact_jax, then print which one this notebook uses.
-# * Already importable (a venv made as in the README, CI): nothing is installed.
-# * Inside a clone of the repository (this directory or a parent holds its pyproject.toml,
-#   or `!git clone <url>` left one in ./pact_jax): pip install -e <clone>.
-# * Elsewhere (a fresh Colab runtime): pip install git+REPO_URL.
+# Already importable (a venv made as in the README, CI): nothing is installed. Otherwise paste a
+# pip requirement into PACKAGE_SOURCE (a form field on Colab):
+#   * a git URL of the repository:  git+https://<host>/<owner>/pact_jax.git   (https://...git works too)
+#   * a wheel uploaded to the runtime (Files pane):  /content/pact_jax-0.1.0-py3-none-any.whl
+#   * "." when this notebook runs inside a clone (any folder of it): pip install -e <the clone>
+PACKAGE_SOURCE = ""  # @param {type:"string"}
 import importlib, importlib.util, pathlib, re, subprocess, sys, tomllib
-
-REPO_URL = None  # COMMENT
 
 
 def find_clone(start="."):
@@ -64,17 +41,26 @@ def find_clone(start="."):
     return None
 
 
+def pip_target(source):
+    """The pip arguments installing PACKAGE_SOURCE (a clone as an editable install)."""
+    source = source.strip()
+    if re.match(r"(https?|ssh)://|git@", source) and source.endswith(".git"):
+        source = "git+" + source
+    if source.startswith("git+") or source.endswith((".whl", ".tar.gz", ".zip")) or "://" in source:
+        return [source], None
+    clone = find_clone(source)
+    if clone is None:
+        raise RuntimeError(f"PACKAGE_SOURCE = {source!r}: no clone of pact_jax (a pyproject.toml naming it) "
+                           "at, above or just below that folder; paste a git URL or a wheel's path instead.")
+    return ["-e", str(clone)], clone
+
+
 if importlib.util.find_spec("pact_jax") is None:
-    clone = find_clone()
-    if clone is not None:
-        target = ["-e", str(clone)]
-    elif REPO_URL:
-        target = [f"git+{REPO_URL}"]
-    else:
-        raise RuntimeError(
-            "pact_jax is not installed and no clone of its repository is here. Run `!git clone <its git URL>` "
-            "in a cell above (or set REPO_URL in this cell to that URL), then run this cell again."
-        )
+    if not PACKAGE_SOURCE.strip():
+        raise RuntimeError("pact_jax is not installed: paste its source into PACKAGE_SOURCE above (a git URL "
+                           "such as git+https://<host>/<owner>/pact_jax.git, an uploaded wheel's path, or . "
+                           "inside a clone), then run this cell again.")
+    target, clone = pip_target(PACKAGE_SOURCE)
     print("installing pact_jax: pip install", *target)
     subprocess.check_call([sys.executable, "-m", "pip", "install", "-q", *target])
     if clone is not None:
@@ -92,7 +78,7 @@ QUICKSTART = [
         "Arithmetic, TIES, TSV-M and Iso-CTS, each **with and without PACT**, evaluate, plot, and look at "
         "PACT's per-layer Load-Bearing-Wall statistics. Runs on a free CPU or GPU runtime in a few minutes."
     ),
-    new_code_cell(install_cell()),
+    new_code_cell(INSTALL),
     new_markdown_cell(
         "## 1. Build the zoo (or load the cached one), merge, evaluate\n\n"
         "`pact_jax.demo.run_demo` pre-trains, fine-tunes, merges every method with and without PACT "
@@ -198,7 +184,7 @@ YOUR_CHECKPOINTS = [
         "of a TPU/GPU runtime (on Colab: *Runtime > Change runtime type > TPU*). The cells write small "
         "stand-in checkpoints first; replace their paths with yours."
     ),
-    new_code_cell(install_cell()),
+    new_code_cell(INSTALL),
     new_markdown_cell("## 0. Stand-in checkpoints (replace with your own paths)"),
     new_code_cell(
         "import os\n"

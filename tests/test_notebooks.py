@@ -2,8 +2,9 @@
 
 ``test_notebook_runs`` executes each notebook with nbclient in a scratch
 directory, ``PACT_JAX_QUICK=1`` (fewer training steps). The install cell's
-three cases (already installed, inside a clone, fresh Colab runtime) are
-checked separately with ``pip`` replaced by a recorder.
+cases (already installed; its PACKAGE_SOURCE form field empty, a git URL, a
+wheel, ``.`` inside a clone) are checked separately with ``pip`` replaced by a
+recorder.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ import pathlib
 import shutil
 import subprocess
 import sys
-import tomllib
 
 import nbformat
 import pytest
@@ -120,8 +120,9 @@ def install_source() -> str:
     return source
 
 
-def run_install_cell(monkeypatch, cwd: pathlib.Path, *, installed: bool) -> tuple[list[list[str]], dict]:
-    """Executes the install cell in ``cwd``; ``installed=False`` makes pact_jax look missing."""
+def run_install_cell(monkeypatch, cwd: pathlib.Path, *, installed: bool, source: str = "") -> tuple[list[list[str]], dict]:
+    """Executes the install cell in ``cwd`` with its form field set to ``source``; ``installed=False``
+    makes pact_jax look missing."""
     calls: list[list[str]] = []
     real_find_spec = importlib.util.find_spec
     if not installed:
@@ -131,16 +132,28 @@ def run_install_cell(monkeypatch, cwd: pathlib.Path, *, installed: bool) -> tupl
     monkeypatch.setattr(subprocess, "check_call", lambda cmd, *a, **k: calls.append(list(cmd)))
     monkeypatch.setattr(sys, "path", list(sys.path))
     monkeypatch.chdir(cwd)
+    field = 'PACKAGE_SOURCE = ""  # @param {type:"string"}'
+    cell = install_source()
+    assert field in cell  # a Colab form field, empty as committed: no invented URL
     namespace: dict = {}
-    exec(compile(install_source(), "install-cell", "exec"), namespace)  # noqa: S102 - our own notebook
+    code = cell.replace(field, f"PACKAGE_SOURCE = {source!r}")
+    exec(compile(code, "install-cell", "exec"), namespace)  # noqa: S102 - our own notebook
     return calls, namespace
 
 
 def test_install_cell_when_already_installed(tmp_path, monkeypatch, capsys):
-    calls, _ = run_install_cell(monkeypatch, tmp_path, installed=True)
+    calls, _ = run_install_cell(monkeypatch, tmp_path, installed=True, source="git+https://example.org/x.git")
     assert calls == []
     out = capsys.readouterr().out
     assert f"from {REPO / 'pact_jax'}" in out and "devices:" in out
+
+
+def test_install_cell_without_a_source_says_what_to_paste(tmp_path, monkeypatch):
+    (tmp_path / "pact_jax").mkdir()  # even beside a clone: only the form field says what to install
+    _clone(tmp_path / "pact_jax" / "inner")
+    with pytest.raises(RuntimeError, match=r"paste its source into PACKAGE_SOURCE") as err:
+        run_install_cell(monkeypatch, tmp_path, installed=False)
+    assert "\n" not in str(err.value)  # one sentence
 
 
 def _clone(root: pathlib.Path) -> pathlib.Path:
@@ -149,36 +162,39 @@ def _clone(root: pathlib.Path) -> pathlib.Path:
     return root
 
 
-def test_install_cell_inside_a_clone(tmp_path, monkeypatch, capsys):
-    """Jupyter started in the clone's colab/ (or anywhere below it): pip install -e <clone>."""
+def test_install_cell_dot_inside_a_clone(tmp_path, monkeypatch, capsys):
+    """Jupyter started in the clone's colab/ (or anywhere below it), PACKAGE_SOURCE ".": pip install -e <clone>."""
     clone = _clone(tmp_path / "pact_jax_clone")
     (clone / "colab").mkdir()
-    calls, _ = run_install_cell(monkeypatch, clone / "colab", installed=False)
+    calls, _ = run_install_cell(monkeypatch, clone / "colab", installed=False, source=".")
     assert calls == [[sys.executable, "-m", "pip", "install", "-q", "-e", str(clone)]]
     assert str(clone) in sys.path  # this kernel imports the editable install without a restart
     assert f"installing pact_jax: pip install -e {clone}" in capsys.readouterr().out
 
 
-def test_install_cell_next_to_a_git_clone(tmp_path, monkeypatch):
+def test_install_cell_dot_next_to_a_git_clone(tmp_path, monkeypatch):
     """Colab after `!git clone <url>`: the clone is a child of the working directory."""
     (tmp_path / "sample_data").mkdir()
     clone = _clone(tmp_path / "pact_jax")
-    calls, _ = run_install_cell(monkeypatch, tmp_path, installed=False)
+    calls, _ = run_install_cell(monkeypatch, tmp_path, installed=False, source=".")
     assert calls == [[sys.executable, "-m", "pip", "install", "-q", "-e", str(clone)]]
 
 
-def test_install_cell_on_a_fresh_runtime_uses_the_pyproject_url(tmp_path, monkeypatch):
-    """No clone around: pip installs from pyproject.toml's [project.urls] (None: a clear error)."""
+def test_install_cell_dot_without_a_clone(tmp_path, monkeypatch):
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "pyproject.toml").write_text('[project]\nname = "something-else"\n')
-    with open(REPO / "pyproject.toml", "rb") as f:
-        urls = tomllib.load(f)["project"].get("urls", {})
-    url = next((urls[k] for k in ("Repository", "Source", "Homepage") if urls.get(k)), None)
-    assert make_notebooks.repo_url() == url
-    assert f"REPO_URL = {url!r}" in install_source()
-    if url is None:
-        with pytest.raises(RuntimeError, match="git clone"):
-            run_install_cell(monkeypatch, tmp_path, installed=False)
-    else:
-        calls, _ = run_install_cell(monkeypatch, tmp_path, installed=False)
-        assert calls == [[sys.executable, "-m", "pip", "install", "-q", f"git+{url}"]]
+    with pytest.raises(RuntimeError, match=r"no clone of pact_jax"):
+        run_install_cell(monkeypatch, tmp_path, installed=False, source=".")
+
+
+@pytest.mark.parametrize(
+    "source, pip_args",
+    [
+        ("git+https://example.org/owner/pact_jax.git", ["git+https://example.org/owner/pact_jax.git"]),
+        ("https://example.org/owner/pact_jax.git", ["git+https://example.org/owner/pact_jax.git"]),
+        ("  /content/pact_jax-0.1.0-py3-none-any.whl ", ["/content/pact_jax-0.1.0-py3-none-any.whl"]),
+    ],
+)
+def test_install_cell_installs_the_pasted_requirement(tmp_path, monkeypatch, source, pip_args):
+    calls, _ = run_install_cell(monkeypatch, tmp_path, installed=False, source=source)
+    assert calls == [[sys.executable, "-m", "pip", "install", "-q", *pip_args]]
