@@ -11,8 +11,12 @@ The fixtures write tiny T5X-like train states the way t5x does:
 * orbax (``t5x.checkpoints.OrbaxCheckpointManagerInterface.save``): an
   ``ocp.CheckpointManager`` with ``step_prefix='checkpoint'`` saving the state
   dict of ``jax.Array`` leaves as the item ``state`` with a
-  ``PyTreeCheckpointHandler`` (``use_ocdbt=False`` as t5x configures it, and
-  the orbax default ``True``).
+  ``PyTreeCheckpointHandler`` (``use_ocdbt=True`` as t5x at cc342d4 configures
+  it, and ``False`` as older t5x did), and beside it, in
+  ``write_orbax_with_dataset``, the ``dataset`` item of t5x's
+  ``DatasetCheckpointHandler``.
+
+The real checkpoints T5X wrote are tested in ``test_t5x_real.py``.
 """
 
 from __future__ import annotations
@@ -406,7 +410,7 @@ def test_writer_replaces_target_and_keeps_the_rest(source, tmp_path):
 
 @pytest.mark.parametrize("source", ["orbax"], indirect=True)
 def test_orbax_without_ocdbt_has_the_source_file_names(source, tmp_path, monkeypatch):
-    monkeypatch.setattr(t5x, "_COPY_GROUP_BYTES", 64)  # copy the optimizer state in many small groups
+    monkeypatch.setattr(t5x.orbax_layout, "_COPY_GROUP_BYTES", 64)  # copy the optimizer state in many small groups
     reader = t5x.Reader(source)
     dest = io.save(tmp_path / "out", target_params(2), "t5x", source=reader)
     assert_leaves_equal(split(full_state(dest))[1], split(full_state(source))[1])
@@ -586,3 +590,115 @@ def test_legacy_specs_written_on_gcs_are_read_locally(source, tmp_path):
     dest = io.save(tmp_path / "out" / "ckpt", io.unflatten(reader.read_all()), "t5x", source=reader)
     assert (dest / "checkpoint").read_bytes() == file.read_bytes()  # the spec is kept as t5x wrote it
     assert_leaves_equal(t5x.Reader(dest).read_all(), io.flatten(target_params(0)))
+
+
+# --------------------------------------------------------------------------
+# Current T5X orbax steps with a dataset item; model directories
+
+
+class DatasetHandler(ocp.CheckpointHandler):
+    """A stand-in for t5x's DatasetCheckpointHandler (a tf.train.Checkpoint of the
+    iterator in ``dataset/``): writes and reads the same kind of files."""
+
+    def save(self, directory, args):
+        (directory / "train_ds.index").write_bytes(args.item)
+        (directory / "train_ds.data-00000-of-00001").write_bytes(args.item[::-1])
+
+    def restore(self, directory, args=None):
+        return (directory / "train_ds.index").read_bytes()
+
+
+@ocp.args.register_with_handler(DatasetHandler, for_save=True, for_restore=True)
+class DatasetArgs(ocp.args.CheckpointArgs):
+    def __init__(self, item: bytes | None = None):
+        self.item = item
+
+
+def write_orbax_with_dataset(root, state: dict, step: int = STEP):
+    """As t5x's OrbaxCheckpointManagerInterface: items 'state' (OCDBT, t5x's setting) and 'dataset'."""
+    manager = ocp.CheckpointManager(
+        root,
+        item_names=("state", "dataset"),
+        item_handlers={"state": ocp.PyTreeCheckpointHandler(use_ocdbt=True), "dataset": DatasetHandler()},
+        options=ocp.CheckpointManagerOptions(step_prefix="checkpoint", create=True),
+    )
+    state_args = ocp.args.PyTreeSave(jax.tree.map(jnp.asarray, state))
+    manager.save(step, args=ocp.args.Composite(state=state_args, dataset=DatasetArgs(b"iterator at %d" % step)))
+    manager.wait_until_finished()
+    manager.close()
+    return root / f"checkpoint_{step}"
+
+
+def test_orbax_ocdbt_step_with_dataset_item_merged_and_written_back(tmp_path):
+    pre = write_orbax_with_dataset(tmp_path / "pre", train_state(0))
+    fts = [write_orbax_with_dataset(tmp_path / f"ft{i}", train_state(i)) for i in (1, 2)]
+    assert (pre / "dataset" / "train_ds.index").is_file() and (pre / "state" / "manifest.ocdbt").is_file()
+    for path in (pre, pre.parent, pre / "state"):  # step, model dir, item
+        assert io.detect_format(path) == "t5x" and t5x.Reader(path).layout == "orbax"
+    assert_leaves_equal(t5x.Reader(pre.parent).read_all(), io.flatten(target_params(0)))
+
+    def task_arithmetic(w0, tasks, *, key=None, alpha=1.0):  # NumPy: the I/O is under test, not the merger
+        f32 = lambda x: np.asarray(x, np.float32)  # noqa: E731
+        one = lambda a, *ts: (f32(a) + alpha * sum(f32(t) - f32(a) for t in ts)).astype(a.dtype)  # noqa: E731
+        return jax.tree.map(one, w0, *tasks)
+
+    out = tmp_path / "merged" / f"checkpoint_{STEP}"
+    merge_checkpoints(pre.parent, [f.parent for f in fts], out, task_arithmetic, alpha=0.5, budget_bytes=4096)
+    w0, w1, w2 = (io.flatten(target_params(i)) for i in (0, 1, 2))
+    f32 = lambda x: x.astype(np.float32)  # noqa: E731
+    want = {p: (f32(a) + 0.5 * ((f32(w1[p]) - f32(a)) + (f32(w2[p]) - f32(a)))).astype(a.dtype) for p, a in w0.items()}
+    got = t5x.Reader(out).read_all()
+    assert_leaves_equal(got, want)
+
+    assert json.loads((out / "state" / "_METADATA").read_text())["use_ocdbt"] is True
+    for f in files(pre / "dataset"):  # the dataset item is copied
+        assert (out / "dataset" / f).read_bytes() == (pre / "dataset" / f).read_bytes()
+    handlers = json.loads((out / "_CHECKPOINT_METADATA").read_text())["item_handlers"]
+    assert set(handlers) == {"state", "dataset"}
+    # t5x restores both items through a CheckpointManager over the model directory.
+    manager = ocp.CheckpointManager(
+        out.parent,
+        item_names=("state", "dataset"),
+        item_handlers={"state": ocp.PyTreeCheckpointHandler(), "dataset": DatasetHandler()},
+        options=ocp.CheckpointManagerOptions(step_prefix="checkpoint", create=False),
+    )
+    restored = manager.restore(STEP, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(), dataset=DatasetArgs()))
+    manager.close()
+    assert restored["dataset"] == b"iterator at %d" % STEP
+    np.testing.assert_array_equal(np.asarray(restored["state"]["state"]["step"]), STEP)
+    embedding = restored["state"]["target"]["token_embedder"]["embedding"]
+    np.testing.assert_array_equal(np.asarray(embedding), got["token_embedder/embedding"])
+    assert_leaves_equal(split(full_state(out))[1], split(full_state(pre))[1])  # optimizer state copied
+
+
+def test_model_dir_reads_its_latest_step_in_numeric_order(tmp_path, sources):
+    model = tmp_path / "model"
+    model.mkdir()
+    for step, seed in ((2, 2), (9, 9), (10, 10)):  # '10' sorts before '9' as text
+        shutil.copytree(write_legacy(tmp_path / f"w{step}", train_state(seed)), model / f"checkpoint_{step}")
+    (model / "checkpoint_11.tmp-1700000000").mkdir()  # t5x's unfinished save: not a step
+    (model / "checkpoint_12.orbax-checkpoint-tmp-3").mkdir()  # orbax's
+    (model / "checkpoints.txt").write_text("not a step")
+    assert t5x.detect(model) and io.detect_format(model) == "t5x"
+    assert [d.name for _, d in t5x.step_dirs(model)] == ["checkpoint_2", "checkpoint_9", "checkpoint_10"]
+    reader = io.open_reader(model)
+    assert reader.path == model / "checkpoint_10" and reader.layout == "legacy"
+    assert_leaves_equal(io.flatten(io.load(model)), io.flatten(target_params(10)))
+    # An orbax model directory too (t5x's CheckpointManager root).
+    assert t5x.Reader(sources["orbax"].parent).path.name == f"checkpoint_{STEP}"
+
+
+def test_model_dir_without_steps_or_with_a_foreign_latest_step(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "checkpoint_x").mkdir()
+    assert not t5x.detect(empty)
+    with pytest.raises(CheckpointError, match=r"no checkpoint_<N> step directories"):
+        t5x.Reader(empty)
+    model = tmp_path / "model"
+    (model / "checkpoint_3").mkdir(parents=True)
+    (model / "checkpoint_3" / "notes.txt").write_text("")
+    write_legacy(tmp_path / "w", train_state(0)).rename(model / "checkpoint_1")
+    assert not t5x.detect(model)  # the latest step decides, as in t5x
+    with pytest.raises(CheckpointError, match=r"latest step checkpoint_3 is not a T5X checkpoint"):
+        t5x.Reader(model)
