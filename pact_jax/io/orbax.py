@@ -4,7 +4,10 @@ Reading accepts a PyTree checkpoint directory (the one holding ``_METADATA``,
 as written by ``ocp.StandardCheckpointer().save(path, params)``) or a
 directory with exactly one such item below it (``ocp.v1`` saves write
 ``<path>/pytree`` or ``<path>/state``; a ``CheckpointManager`` step directory
-holds ``default/`` or ``params/``). Every leaf's shape and dtype come from
+holds ``default/`` or ``params/``); :func:`pact_jax.io.open_reader` turns a
+``CheckpointManager`` root into one of its steps first
+(:mod:`pact_jax.io.orbax_manager`). Trees with tuples (an optax state) and
+empty nodes (``EmptyState``) are read too (:func:`read_item_tree`). Every leaf's shape and dtype come from
 orbax's own files without opening any array (:func:`read_array_metadata`: the
 ``_METADATA`` tree and each array's zarr ``zarr.json`` / ``.zarray``, read from
 the OCDBT key-value store in one batch), falling back to orbax's metadata path
@@ -31,16 +34,22 @@ run (``jax.distributed``) every process creates the writer and calls
 ``write``/``commit`` with the same global arrays and writes only its own
 shards (NumPy leaves are written by process 0); all processes share one
 staging directory, which process 0 completes and renames into place once
-every process is done. The result is the layout of an orbax v1 save: load it
-with ``ocp.v1.load(path)`` or ``pact_jax.io.load(path)``
-(``ocp.StandardCheckpointer().restore(path + "/state")`` also works);
-``tests/io/test_orbax_io.py`` checks it against what orbax itself writes.
+every process is done. The result has the :class:`Layout` of the writer's
+``source`` (the pre-trained checkpoint): a StandardCheckpointer directory stays
+one (``ocp.StandardCheckpointer().restore(path, target)``), a manager step's
+named item keeps its name, with the source's key types and empty nodes, so
+that a ``TrainState`` restores from it; without an orbax source it is an orbax
+v1 save: load it with ``ocp.v1.load(path)`` or ``pact_jax.io.load(path)``
+(``ocp.StandardCheckpointer().restore(path + "/state")`` also works).
+``tests/io/test_orbax_io.py`` checks it against what orbax itself writes,
+``tests/io/test_orbax_layouts.py`` the layouts (docs/orbax.md).
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import dataclasses
 import functools
 import json
 import os
@@ -76,7 +85,8 @@ _METADATA = "_METADATA"
 _OCDBT_MANIFEST = "manifest.ocdbt"
 # orbax type strings of leaves stored as one zarr array each (np.ndarray, jax.Array, Python scalars).
 _ARRAY_TYPES = ("np.ndarray", "jax.Array", "scalar")
-_DICT_KEY = 2  # orbax's KeyType.DICT; sequences (1) are left to orbax
+_DICT_KEY = 2  # orbax's KeyType.DICT (also namedtuple fields)
+_SEQUENCE_KEY = 1  # orbax's KeyType.SEQUENCE (tuple and list indices)
 # Bytes of OCDBT B-tree nodes cached while reading one checkpoint's array metadata (freed after).
 _METADATA_CACHE_BYTES = 8 << 20
 
@@ -93,7 +103,7 @@ def item_directory(path: Path) -> Path:
     if not items:
         raise CheckpointError(
             f"{path}: not an orbax checkpoint (no '{_METADATA}' file here or in a "
-            "sub-directory). If it is a CheckpointManager root, pass a step directory."
+            "sub-directory, and no CheckpointManager step directories below it)."
         )
     names = [d.name for d in items]
     raise CheckpointError(f"{path}: holds several orbax items {names}; pass the one to merge.")
@@ -105,6 +115,29 @@ def detect(path: Path) -> bool:
     except CheckpointError:
         return False
     return True
+
+
+# orbax's value types of nodes that hold no array (optax's EmptyState is an empty tuple: 'None' or 'Dict').
+_EMPTY_TYPES = ("None", "Dict", "List", "Tuple")
+
+
+@dataclasses.dataclass(frozen=True)
+class ItemTree:
+    """What an item's ``_METADATA`` and zarr metadata say about its tree.
+
+    Attributes:
+      meta: ``{key tuple: ShapeDtypeStruct}`` of every array leaf, in sorted key order.
+      keys: ``{'a/0/b': [{'key': 'a', 'key_type': 2}, ...]}``: orbax's key entries of every node
+        listed (leaves and empty nodes); ``key_type`` 1 is a sequence index (a tuple or list: an optax
+        state), 2 a dict key or namedtuple field. A writer copies them, so that a restore into the
+        original structure (a ``TrainState``) finds tuples where there were tuples.
+      empty: ``{path: orbax value type}`` of nodes that hold no array (``None``, ``{}``, ``()``:
+        optax's ``EmptyState``), which orbax lists with ``skip_deserialize``.
+    """
+
+    meta: dict[tuple[str, ...], jax.ShapeDtypeStruct]
+    keys: dict[str, list[dict]]
+    empty: dict[str, str]
 
 
 def read_array_metadata(item: Path) -> dict[tuple[str, ...], jax.ShapeDtypeStruct] | None:
@@ -127,7 +160,19 @@ def read_array_metadata(item: Path) -> dict[tuple[str, ...], jax.ShapeDtypeStruc
       nested dicts' leaves), or ``None`` where this layout is not covered (no
       ``tree_metadata``, sequence keys, non-array leaves such as strings or
       ``None``, a missing zarr metadata entry, an unknown dtype): the caller
-      then asks orbax.
+      then asks orbax. :func:`read_item_tree` also covers sequence keys and
+      empty nodes (train states).
+    """
+    tree = read_item_tree(item, sequences=False)
+    return None if tree is None or tree.empty else tree.meta
+
+
+def read_item_tree(item: Path, *, sequences: bool = True) -> ItemTree | None:
+    """:func:`read_array_metadata` with the tree's key types and empty nodes (:class:`ItemTree`).
+
+    ``sequences``: accept sequence keys (tuples and lists, keyed ``'0'``, ``'1'``, ...) and nodes
+    that hold no array (``None``, empty containers), as an optax state has; without it such a tree
+    is not covered (``None``).
     """
     try:
         md = json.loads((item / _METADATA).read_text())
@@ -138,19 +183,28 @@ def read_array_metadata(item: Path) -> dict[tuple[str, ...], jax.ShapeDtypeStruc
     if not isinstance(entries, Mapping) or not entries or use_ocdbt not in (True, False):
         return None
     suffix = "zarr.json" if md.get("use_zarr3") else ".zarray"
+    key_types = (_DICT_KEY, _SEQUENCE_KEY) if sequences else (_DICT_KEY,)
     names: dict[tuple[str, ...], str] = {}
+    keys: dict[str, list[dict]] = {}
+    empty: dict[str, str] = {}
     for entry in entries.values():
         try:
-            keys = entry["key_metadata"]
+            key_md = entry["key_metadata"]
             value = entry["value_metadata"]
-            if value.get("skip_deserialize") or value.get("value_type") not in _ARRAY_TYPES:
+            if not key_md or any(k.get("key_type") not in key_types or not isinstance(k.get("key"), str) for k in key_md):
                 return None
-            if not keys or any(k.get("key_type") != _DICT_KEY or not isinstance(k.get("key"), str) for k in keys):
+            path = tuple(k["key"] for k in key_md)
+            if value.get("skip_deserialize"):
+                if not sequences or value.get("value_type") not in _EMPTY_TYPES:
+                    return None
+                empty[SEP.join(path)] = value["value_type"]
+            elif value.get("value_type") not in _ARRAY_TYPES:
                 return None
-            path = tuple(k["key"] for k in keys)
+            else:
+                names[path] = ".".join(path)  # orbax's parameter name (ParamInfo.name)
         except (KeyError, TypeError, AttributeError):
             return None
-        names[path] = ".".join(path)  # orbax's parameter name (ParamInfo.name)
+        keys[SEP.join(path)] = [{"key": k["key"], "key_type": k["key_type"]} for k in key_md]
     if use_ocdbt:
         raw = _read_ocdbt_keys(item, [f"{n}/{suffix}" for n in names.values()])
     else:
@@ -166,7 +220,16 @@ def read_array_metadata(item: Path) -> dict[tuple[str, ...], jax.ShapeDtypeStruc
         except (ValueError, KeyError, TypeError):
             return None
         out[path] = jax.ShapeDtypeStruct(shape, dtype)
-    return {p: out[p] for p in sorted(out)}
+    return ItemTree({p: out[p] for p in sorted(out)}, keys, empty)
+
+
+def _train_state_tree(item: Path) -> ItemTree | None:
+    """:func:`read_item_tree` where the tree has what :func:`read_array_metadata` leaves to orbax's
+    metadata path: tuple keys or empty nodes (an optax state); else ``None``."""
+    tree = read_item_tree(item)
+    if tree is None or not (tree.empty or any(k["key_type"] != _DICT_KEY for ks in tree.keys.values() for k in ks)):
+        return None
+    return tree
 
 
 def joined_paths(
@@ -215,6 +278,57 @@ _COMMIT_MARKER = "commit_success.txt"
 _PYTREE_HANDLER = "orbax.checkpoint.experimental.v1._src.handlers.pytree_handler.PyTreeHandler"
 # Bytes of OCDBT B-tree nodes cached per checkpoint (orbax's default: 100 MB); see ts_context.
 _OCDBT_CACHE_BYTES = 0
+# What StandardCheckpointer and CheckpointManager(...).save(step, args=StandardSave(...)) record.
+STANDARD_HANDLER = "orbax.checkpoint._src.handlers.standard_checkpoint_handler.StandardCheckpointHandler"
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """Where a checkpoint directory keeps its PyTree item, and what it records about it.
+
+    Attributes:
+      item: the item's directory name below the checkpoint (``'state'``: an orbax v1 save;
+        ``'default'`` or a name such as ``'params'``: a ``CheckpointManager`` step), or ``None``:
+        the item is the checkpoint directory itself (``StandardCheckpointer().save(path, tree)``).
+      handler: the item handler ``_CHECKPOINT_METADATA`` names (orbax picks it on restore).
+      indicator: whether the directory holds orbax v1's ``orbax.checkpoint`` file.
+
+    The writer mirrors the pre-trained checkpoint's layout (its ``source``), so the merged model
+    restores with the call that restored the input: ``StandardCheckpointer().restore(out, target)``
+    for a StandardCheckpointer save, ``Composite(params=...)`` for a step's ``params`` item.
+    """
+
+    item: str | None = ITEM
+    handler: str = _PYTREE_HANDLER
+    indicator: bool = True
+
+    def item_dir(self, checkpoint: Path) -> Path:
+        return checkpoint if self.item is None else checkpoint / self.item
+
+    def checkpoint_metadata(self, now_ns: int) -> dict:
+        """``_CHECKPOINT_METADATA``: a lone item at the top records its handler as a string, named
+        items as ``{name: handler}`` (as orbax writes them)."""
+        handlers = self.handler if self.item is None else {self.item: self.handler}
+        return {**checkpoint_metadata_json(now_ns), "item_handlers": handlers}
+
+
+V1_LAYOUT = Layout()  # what pact_jax.io.save writes: an orbax v1 save of one PyTree
+
+
+def read_layout(checkpoint: Path, item: Path) -> Layout:
+    """The :class:`Layout` of the checkpoint directory ``checkpoint`` whose item is ``item``."""
+    try:
+        handlers = json.loads((checkpoint / _CHECKPOINT_METADATA).read_text()).get("item_handlers")
+    except (OSError, ValueError, AttributeError):
+        handlers = None
+    name = None if item == checkpoint else item.name
+    if name is None:
+        handler = handlers if isinstance(handlers, str) else STANDARD_HANDLER
+    elif isinstance(handlers, Mapping) and isinstance(handlers.get(name), str):
+        handler = handlers[name]
+    else:
+        handler = _PYTREE_HANDLER if name == ITEM else STANDARD_HANDLER
+    return Layout(item=name, handler=handler, indicator=(checkpoint / _INDICATOR).exists())
 
 
 def param_name(keys: Sequence[str]) -> str:
@@ -341,20 +455,33 @@ class Reader(CheckpointReader):
     def __init__(self, path: str | os.PathLike):
         super().__init__(path)
         self.item = item_directory(self.path.absolute())  # orbax wants absolute paths
+        #: Where the item lies in the directory; an orbax writer given this reader as its source mirrors it.
+        self.orbax_layout = read_layout(self.path.absolute(), self.item)
         # The handler, not a Checkpointer: no step-level metadata is needed (nor warned about).
         self._handler = ocp.PyTreeCheckpointHandler()
         self._meta: dict[str, jax.ShapeDtypeStruct] | None = None
+        self._tree: ItemTree | None = None
         self._leaves: ItemLeaves | None = None  # where the metadata came from the files
 
     def metadata(self) -> dict[str, jax.ShapeDtypeStruct]:
         if self._meta is None:
             fast = read_array_metadata(self.item)
-            if fast is None:
+            self._tree = ItemTree(fast, {}, {}) if fast is not None else _train_state_tree(self.item)
+            if self._tree is None:
                 self._meta = self._orbax_metadata()
             else:
-                self._meta = joined_paths(fast, str(self.item))
+                self._meta = joined_paths(self._tree.meta, str(self.item))
                 self._leaves = ItemLeaves(self.item)
         return self._meta
+
+    def key_metadata(self) -> dict[str, list[dict]]:
+        """orbax's key entries of each node (:attr:`ItemTree.keys`); ``{}`` where orbax's metadata path was taken."""
+        self.metadata()
+        return {} if self._tree is None else dict(self._tree.keys)
+
+    def empty_nodes(self) -> dict[str, str]:
+        self.metadata()
+        return {} if self._tree is None else dict(self._tree.empty)
 
     def _orbax_metadata(self) -> dict[str, jax.ShapeDtypeStruct]:
         """orbax's own metadata path (opens every leaf's TensorStore array)."""
@@ -400,18 +527,34 @@ class Reader(CheckpointReader):
         self._leaves = None
 
 
-def tree_metadata_json(value_types: Mapping[tuple[str, ...], str], *, use_zarr3: bool = True) -> dict:
-    """The ``_METADATA`` orbax writes for a tree of nested dicts with these leaves.
+def tree_metadata_json(
+    value_types: Mapping[tuple[str, ...], str],
+    *,
+    use_zarr3: bool = True,
+    key_metadata: Mapping[str, list[dict]] | None = None,
+    empty: Mapping[str, str] | None = None,
+) -> dict:
+    """The ``_METADATA`` orbax writes for a tree with these leaves.
 
     ``value_types``: ``{key tuple: orbax type string}`` (``"np.ndarray"``,
     ``"jax.Array"``); entries in the order orbax flattens the tree (sorted).
+    ``key_metadata``: ``{'/'-joined path: orbax key entries}`` where a node's keys are not all
+    dict keys (tuple indices of an optax state; :attr:`ItemTree.keys`), else dict keys.
+    ``empty``: ``{path: orbax value type}`` of nodes holding no array (``None``, ``()``).
     """
+    key_metadata = key_metadata or {}
+
+    def keys_of(keys: tuple[str, ...]) -> list[dict]:
+        given = key_metadata.get(SEP.join(keys))
+        if given is not None and tuple(k["key"] for k in given) == tuple(keys):
+            return [dict(k) for k in given]
+        return [{"key": k, "key_type": _DICT_KEY} for k in keys]
+
+    nodes = {tuple(k): {"value_type": t, "skip_deserialize": False} for k, t in value_types.items()}
+    nodes.update({tuple(p.split(SEP)): {"value_type": t, "skip_deserialize": True} for p, t in (empty or {}).items()})
     entries = {}
-    for keys in sorted(value_types):
-        entries[str(tuple(keys))] = {
-            "key_metadata": [{"key": k, "key_type": _DICT_KEY} for k in keys],
-            "value_metadata": {"value_type": value_types[keys], "skip_deserialize": False},
-        }
+    for keys in sorted(nodes):
+        entries[str(tuple(keys))] = {"key_metadata": keys_of(keys), "value_metadata": nodes[keys]}
     return {
         "tree_metadata": entries,
         "use_ocdbt": True,
@@ -437,12 +580,28 @@ class Writer(CheckpointWriter):
     format = "orbax"
     writes_global_arrays = True
 
-    def __init__(self, path: str | os.PathLike, template: Mapping[str, jax.ShapeDtypeStruct], *, source=None):
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        template: Mapping[str, jax.ShapeDtypeStruct],
+        *,
+        source: CheckpointReader | None = None,
+        layout: Layout | None = None,
+    ):
+        """``source``: the pre-trained checkpoint's reader, whose :class:`Layout` (an orbax
+        source's), key types (tuples of an optax state) and empty nodes (``EmptyState``) the output
+        copies; ``layout`` overrides the layout (a ``CheckpointManager`` step: :mod:`orbax_manager`).
+        Without either: an orbax v1 save (:data:`V1_LAYOUT`)."""
         super().__init__(path, template)
         check_key_names(unflatten(self.template), str(self.path))
+        source_layout = getattr(source, "orbax_layout", None)
+        self.layout = layout or (source_layout if isinstance(source_layout, Layout) else V1_LAYOUT)
+        keys = getattr(source, "key_metadata", None)
+        self._key_metadata = keys() if callable(keys) else {}
+        self._empty = dict(source.empty_nodes()) if source is not None and hasattr(source, "empty_nodes") else {}
         # orbax wants absolute paths; every process writes into process 0's staging directory.
         self._staged = staging_path(self.path.absolute(), shared=True)
-        self._item = self._staged / ITEM
+        self._item = self.layout.item_dir(self._staged)
         self._types: dict[tuple[str, ...], str] = {}
         self._context = ts_context()
         self._started = time.time_ns()
@@ -498,15 +657,17 @@ class Writer(CheckpointWriter):
 
     def _complete(self) -> None:
         """Process 0: ``_METADATA``, one OCDBT database for the item, the checkpoint-level files."""
-        (self._item / _METADATA).write_text(json.dumps(tree_metadata_json(self._types)))
+        tree = tree_metadata_json(self._types, key_metadata=self._key_metadata, empty=self._empty)
+        (self._item / _METADATA).write_text(json.dumps(tree))
         # As orbax's finalize leaves it: one root manifest; the data stays in ocdbt.process_*/.
         _run(
             ocp.type_handlers.merge_ocdbt_per_process_files(
                 epath.Path(self._item), ts_context=self._context, use_zarr3=True, enable_validation=False
             )
         )
-        (self._staged / _CHECKPOINT_METADATA).write_text(json.dumps(checkpoint_metadata_json(self._started)))
-        (self._staged / _INDICATOR).touch()
+        (self._staged / _CHECKPOINT_METADATA).write_text(json.dumps(self.layout.checkpoint_metadata(self._started)))
+        if self.layout.indicator:
+            (self._staged / _INDICATOR).touch()
         (self._staged / _COMMIT_MARKER).write_text(f"Checkpoint commit was successful to {self.path}")
 
     def _abort(self) -> None:
