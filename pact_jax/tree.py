@@ -25,9 +25,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pact_jax import layout as _layout
+from pact_jax.layout import Layout
+
 PyTree = Any
 LeafKind = Literal["freeze", "average", "matrix", "other"]
-Layout = Literal["flax", "torch"]
 
 
 class PactInputError(ValueError):
@@ -277,18 +279,15 @@ def apply_delta(pretrained: PyTree, delta: PyTree, alpha: float | jax.Array = 1.
 # Leaf rules and matrix views
 
 
-def _default_row_axes(ndim: int) -> int:
-    # Dense (in, out): 1. DenseGeneral (d, heads, head_dim): 1, i.e. d x heads*head_dim.
-    # Conv (kh, kw, cin, cout) and 3-D conv: all but the output axis form the rows.
-    return 1 if ndim <= 3 else ndim - 1
-
-
 @dataclasses.dataclass(frozen=True)
 class LeafRules:
     """Which leaves are matrices, which are averaged, which are left untouched.
 
     Regular expressions are matched with :func:`re.search` against leaf paths
-    such as ``"params/encoder/block_0/attn/query/kernel"``. Precedence:
+    such as ``"params/encoder/block_0/attn/query/kernel"``; a rule matches
+    a Flax NNX leaf ``.../kernel/value`` if it matches the path or the path
+    without its variable suffix (:func:`pact_jax.layout.rule_path`), so
+    ``(^|/)bias$`` matches ``attn/out/bias/value``. Precedence:
     ``freeze`` > ``average`` > ``matrix``.
 
     Attributes:
@@ -304,16 +303,21 @@ class LeafRules:
       row_axes: ``((regex, k), ...)``: for a matching leaf of shape ``s`` the
         matrix view is ``(prod(s[:k]), prod(s[k:]))``. An entry applies only
         to leaves with more than ``k`` dimensions; the first that applies
-        wins; without one, Dense ``(in, out)`` and DenseGeneral ``(d, heads, head_dim)``
-        use ``k = 1`` and Conv ``(kh, kw, cin, cout)`` uses ``k = ndim - 1``.
+        wins; without one, :func:`pact_jax.layout.default_row_axes`: Flax
+        Dense ``(in, out)`` and DenseGeneral ``(d, heads, head_dim)`` use
+        ``k = 1``, Flax Conv ``(kh, kw, cin, cout)`` (and a conv-named
+        module's 1-D ``(k, cin, cout)``) ``k = ndim - 1``; torch weights
+        ``(out, in)`` and ``(out, in, kh, kw)`` ``k = 1``.
         The default entry maps Flax attention output kernels
         ``(heads, head_dim, d)`` to ``(heads*head_dim, d)`` and leaves a 2-D
         ``out/kernel`` (T5X's ``(d, d)``) as it is.
-      layout: how the checkpoint stores a linear map: ``"flax"`` (kernel
-        ``(d_in, d_out)``: the matrix view's rows are the input space) or
-        ``"torch"`` (weight ``(d_out, d_in)``: its columns are). Every
-        side-dependent step asks :meth:`input_side` (PACT's protected input
-        space, Iso-CTS's output-side common subspace), never a fixed side.
+      layout: how the checkpoint stores a linear map (:mod:`pact_jax.layout`):
+        ``"flax"`` (kernel ``(d_in, d_out)``: the matrix view's rows are the
+        input space) or ``"torch"`` (weight ``(d_out, d_in)``: its columns
+        are; embedding tables keep their rows). Every side-dependent step
+        asks :meth:`input_side` (PACT's and SIFT's protected input space,
+        Iso-CTS's output-side common subspace), never a fixed side;
+        :func:`pact_jax.layout.detect_layout` reads it from a checkpoint.
     """
 
     matrix: str = r".*"
@@ -324,14 +328,24 @@ class LeafRules:
     layout: Layout = "flax"
 
     def __post_init__(self) -> None:
-        if self.layout not in ("flax", "torch"):
-            raise ValueError(f"LeafRules.layout must be 'flax' or 'torch', got {self.layout!r}.")
+        _layout.check_layout(self.layout, what="LeafRules.layout")
+
+    @staticmethod
+    def _match(pattern: str, path: str) -> bool:
+        if re.search(pattern, path):
+            return True
+        bare = _layout.rule_path(path)  # a Flax NNX leaf without its '/value'
+        return bare != path and bool(re.search(pattern, bare))
 
     def input_side(self, path: str) -> Literal["left", "right"]:
         """Which side of the ``(m, n)`` matrix view of ``path`` is the layer's input space:
-        ``"left"`` (rows, left singular vectors) for Flax kernels, ``"right"`` for torch weights."""
-        del path  # one layout per checkpoint today; the path is where a per-leaf layout would go
-        return "left" if self.layout == "flax" else "right"
+        ``"left"`` (rows, left singular vectors) for Flax kernels, ``"right"`` for torch weights
+        (:func:`pact_jax.layout.input_side`)."""
+        return _layout.input_side(path, self.layout)
+
+    def flax_axes(self, path: str, shape: Sequence[int]) -> tuple[int, ...]:
+        """Axes that put a leaf of ``shape`` in Flax order (:func:`pact_jax.layout.to_flax_axes`)."""
+        return _layout.to_flax_axes(path, shape, self.layout)
 
     def output_side(self, path: str) -> Literal["left", "right"]:
         """The other side of :meth:`input_side`."""
@@ -339,23 +353,23 @@ class LeafRules:
 
     def kind(self, path: str, shape: Sequence[int]) -> LeafKind:
         """``'freeze' | 'average' | 'matrix' | 'other'`` for a leaf of per-task ``shape``."""
-        if self.freeze is not None and re.search(self.freeze, path):
+        if self.freeze is not None and self._match(self.freeze, path):
             return "freeze"
-        if self.average is not None and re.search(self.average, path):
+        if self.average is not None and self._match(self.average, path):
             return "average"
         if (
             len(shape) >= 2
-            and re.search(self.matrix, path)
-            and not (self.not_matrix is not None and re.search(self.not_matrix, path))
+            and self._match(self.matrix, path)
+            and not (self.not_matrix is not None and self._match(self.not_matrix, path))
         ):
             return "matrix"
         return "other"
 
     def matrix_shape(self, path: str, shape: Sequence[int]) -> tuple[int, int]:
         """``(m, n)`` view of a leaf of shape ``shape`` (at least 2-D)."""
-        k = _default_row_axes(len(shape))
+        k = _layout.default_row_axes(path, shape, self.layout)
         for pattern, rows in self.row_axes:
-            if rows < len(shape) and re.search(pattern, path):
+            if rows < len(shape) and self._match(pattern, path):
                 k = rows
                 break
         if not 1 <= k < len(shape):
