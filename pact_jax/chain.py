@@ -1,8 +1,9 @@
 """Composition of transforms and a merger into one pure merge function (optax-style).
 
 Each step is a plain function; :func:`chain` calls it with those of the
-arguments ``key``, ``pretrained``, ``stacked`` and ``rules`` that its
-signature names. Bind hyperparameters with :func:`functools.partial`::
+arguments ``key``, ``pretrained``, ``stacked``, ``rules`` and ``task_spaces``
+(given explicit task spaces, e.g. of LoRA adapters: ``merge.from_stacked``)
+that its signature names. Bind hyperparameters with :func:`functools.partial`::
 
     merge = pact_jax.chain(
         pact_jax.pact,
@@ -21,7 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -39,7 +40,7 @@ from pact_jax.tree import (
     task_vectors,
 )
 
-_ARGS = ("key", "pretrained", "stacked", "rules")
+_ARGS = ("key", "pretrained", "stacked", "rules", "task_spaces")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,6 +49,7 @@ class _Step:
     name: str
     takes: frozenset[str]
     needs_key: bool
+    bound: frozenset[str] = frozenset()
 
 
 def _bad_keywords(fn: Callable[..., PyTree]) -> str:
@@ -78,7 +80,7 @@ def _step(fn: Callable[..., PyTree]) -> _Step:
         )
     takes = frozenset(a for a in _ARGS if a in params)
     needs_key = "key" in params and params["key"].default is inspect.Parameter.empty
-    return _Step(fn, name, takes, needs_key)
+    return _Step(fn, name, takes, needs_key, frozenset(getattr(fn, "keywords", None) or ()))
 
 
 def chain(
@@ -95,6 +97,14 @@ def chain(
     ``apply_delta(pretrained, delta, alpha)``. It is pure and jit-able (with
     ``key`` as an argument). ``merge.delta(pretrained, finetuned, *, key=None)``
     returns ``delta`` alone, for sweeping ``alpha`` without recomputing it.
+    ``merge.from_stacked(pretrained, stacked, *, key=None, alpha=alpha,
+    task_spaces=None)`` and ``merge.delta_from_stacked(...)`` start from task
+    vectors ``stacked`` (leaves ``(T, *W0_leaf.shape)``) instead, e.g. LoRA
+    updates ``s B A`` (:mod:`pact_jax.lora`), whose difference to a rounded
+    ``W0 + s B A`` would lose precision. ``task_spaces`` ``{path: (T, d_in, k)}``
+    goes to every step whose signature names it (PACT: given explicit spaces,
+    DESIGN §1a step 9), unless the step bound it with ``functools.partial``
+    (``task_spaces=None`` bound: the step ignores what the merge is given).
     Non-float leaves (integer buffers such as ``position_ids``) are not merged:
     the result keeps their pre-trained value (their delta is zero), as the
     CLI does; their shapes and dtypes must agree across the inputs.
@@ -125,8 +135,10 @@ def chain(
     described = [_step(s) for s in steps]
     key_names = [s.name for s in described if s.needs_key]
 
-    def run(step: _Step, pretrained: PyTree, stacked: PyTree, key: jax.Array | None) -> PyTree:
+    def run(step: _Step, pretrained: PyTree, stacked: PyTree, key: jax.Array | None, spaces=None) -> PyTree:
         kwargs = {"stacked": stacked}
+        if spaces is not None and "task_spaces" in step.takes and "task_spaces" not in step.bound:
+            kwargs["task_spaces"] = spaces
         if "pretrained" in step.takes:
             kwargs["pretrained"] = pretrained
         if "key" in step.takes and key is not None:
@@ -138,19 +150,35 @@ def chain(
     if budget_bytes is not None and (isinstance(budget_bytes, bool) or not isinstance(budget_bytes, int) or budget_bytes <= 0):
         raise ValueError(f"budget_bytes must be a positive int (bytes) or None, got {budget_bytes!r}.")
 
-    def run_steps(pretrained: PyTree, finetuned: Sequence[PyTree], keys: list) -> PyTree:
-        stacked = task_vectors(pretrained, finetuned)
+    def run_stacked(pretrained: PyTree, stacked: PyTree, keys: list, spaces=None) -> PyTree:
         for step, k in zip(described[:-1], keys[:-1]):
-            stacked = run(step, pretrained, stacked, k)
-        return run(described[-1], pretrained, stacked, keys[-1])
+            stacked = run(step, pretrained, stacked, k, spaces)
+        return run(described[-1], pretrained, stacked, keys[-1], spaces)
 
-    def float_delta(pretrained: PyTree, finetuned: Sequence[PyTree], key: jax.Array | None) -> PyTree:
+    def run_steps(pretrained: PyTree, finetuned: Sequence[PyTree], keys: list) -> PyTree:
+        return run_stacked(pretrained, task_vectors(pretrained, finetuned), keys)
+
+    def split_key(key: jax.Array | None) -> list:
         if key is None and key_names:
             raise ValueError(f"steps {key_names} need a PRNG key: call merge(..., key=jax.random.key(0)).")
-        keys = [None] * len(described) if key is None else list(jax.random.split(key, len(described)))
+        return [None] * len(described) if key is None else list(jax.random.split(key, len(described)))
+
+    def float_delta(pretrained: PyTree, finetuned: Sequence[PyTree], key: jax.Array | None) -> PyTree:
+        keys = split_key(key)
         if budget_bytes is None:
             return run_steps(pretrained, finetuned, keys)
         return _grouped(run_steps, pretrained, finetuned, keys, budget_bytes)
+
+    def delta_from_stacked(pretrained: PyTree, stacked: PyTree, *, key: jax.Array | None = None,
+                           task_spaces: Mapping[str, jax.Array] | None = None) -> PyTree:
+        keys = split_key(key)
+        if budget_bytes is None:
+            return run_stacked(pretrained, stacked, keys, task_spaces)
+        return _grouped_stacked(run_stacked, pretrained, stacked, keys, task_spaces, budget_bytes)
+
+    def from_stacked(pretrained: PyTree, stacked: PyTree, *, key: jax.Array | None = None,
+                     alpha: float | jax.Array = alpha, task_spaces: Mapping[str, jax.Array] | None = None) -> PyTree:
+        return apply_delta(pretrained, delta_from_stacked(pretrained, stacked, key=key, task_spaces=task_spaces), alpha)
 
     def delta(pretrained: PyTree, finetuned: Sequence[PyTree], *, key: jax.Array | None = None) -> PyTree:
         held = _held_paths(pretrained, finetuned)
@@ -174,6 +202,12 @@ def chain(
         return jax.tree_util.tree_map(lambda w0, x: w0 if x is None else x, pretrained, out)
 
     merge.delta = delta  # type: ignore[attr-defined]
+    merge.from_stacked = from_stacked  # type: ignore[attr-defined]
+    merge.delta_from_stacked = delta_from_stacked  # type: ignore[attr-defined]
+    merge.alpha, merge.rules = alpha, rules  # type: ignore[attr-defined]  # the defaults, for callers such as merge_adapters
+    merge.steps = tuple(s.fn for s in described)  # type: ignore[attr-defined]
+    # Whether a step takes the task_spaces a merge is given (callers skip computing them otherwise).
+    merge.uses_task_spaces = any("task_spaces" in s.takes and "task_spaces" not in s.bound for s in described)  # type: ignore[attr-defined]
     merge.__doc__ = f"Merge with chain({', '.join(s.name for s in described)}), alpha={alpha}."
     return merge
 
@@ -214,5 +248,26 @@ def _grouped(
         out = run_steps(sub(pretrained), [sub(ft) for ft in finetuned], keys)
         merged.update(leaves_with_paths(out))
         del out
+    treedef = jax.tree_util.tree_structure(pretrained)
+    return jax.tree_util.tree_unflatten(treedef, [merged[p] for p, _ in items])
+
+
+def _grouped_stacked(
+    run_stacked: Callable[..., PyTree], pretrained: PyTree, stacked: PyTree, keys: list,
+    spaces: Mapping[str, jax.Array] | None, budget_bytes: int,
+) -> PyTree:
+    """:func:`_grouped` for a merge that starts from stacked task vectors."""
+    items = leaves_with_paths(pretrained)
+    t = {int(jnp.shape(x)[0]) for _, x in leaves_with_paths(stacked)}
+    groups = buckets.plan_groups(dict(items), max(t, default=1), budget_bytes)
+    merged: dict[str, object] = {}
+    for group in groups:
+        members = set(group)
+
+        def sub(tree: PyTree, members=members) -> PyTree:
+            return jax.tree_util.tree_map_with_path(lambda p, x: x if path_str(p) in members else None, tree)
+
+        part = None if spaces is None else {p: v for p, v in spaces.items() if p in members}
+        merged.update(leaves_with_paths(run_stacked(sub(pretrained), sub(stacked), keys, part)))
     treedef = jax.tree_util.tree_structure(pretrained)
     return jax.tree_util.tree_unflatten(treedef, [merged[p] for p, _ in items])

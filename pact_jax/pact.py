@@ -166,6 +166,20 @@ def _sides(side: str, rules: LeafRules, path: str) -> tuple[str, ...]:
     return ("left", "right") if side == "both" else (side,)
 
 
+def _given_space(settings: dict[str, Any], path: str, t: int, d_in: int) -> jax.Array | None:
+    """The caller's explicit space of ``path`` (``task_spaces=``), checked: ``(T, d_in, k)``."""
+    spaces = settings["task_spaces"]
+    if spaces is None or path not in spaces:
+        return None
+    v = jnp.asarray(spaces[path])
+    if v.ndim != 3 or v.shape[:2] != (t, d_in):
+        raise PactInputError(
+            f"leaf '{path}': task_spaces has shape {v.shape}, expected (T, d, k) = ({t}, {d_in}, k) "
+            "(orthonormal bases of the input side of each task's update)."
+        )
+    return v
+
+
 def _subspace_jobs(settings: dict[str, Any], matrices: list, t: int) -> list:
     jobs, all_removed = [], []
     for _, path, w0, tau in matrices:
@@ -174,6 +188,9 @@ def _subspace_jobs(settings: dict[str, Any], matrices: list, t: int) -> list:
         k = resolve_rank(settings["task_rank"], m, n, "task_rank", path, cap=True)
         sides = _sides(settings["side"], settings["rules"], path)
         d_in = {"left": m, "right": n}[sides[0]]
+        given = _given_space(settings, path, t, d_in)
+        if given is not None:
+            k = given.shape[-1]
         others = t - 1 if settings["exclude_self"] else t
         if others > 0 and settings["strength"] > 0 and (
             big_k + others * k >= d_in or (settings["orthonormalize"] == "qr" and others * big_k >= d_in)
@@ -189,7 +206,7 @@ def _subspace_jobs(settings: dict[str, Any], matrices: list, t: int) -> list:
             tol=settings["span_tol"],
         )
         key = None if settings["key"] is None else leaf_key(settings["key"], path)
-        jobs.append(((w0, tau, key), static))
+        jobs.append(((w0, tau, key, given), static))
     if all_removed and settings["pretrained_energy"] is None and settings["align_threshold"] is None:
         _filter_all_warning("K + (T-1) k reaches the input dimension (or (T-1) K with the release's QR)",
                             all_removed)
@@ -239,6 +256,15 @@ def _settings(**kw: Any) -> dict[str, Any]:
         kw["align_threshold"] = check_fraction(kw["align_threshold"], "align_threshold")
         if kw["orthonormalize"] == "qr":
             raise ValueError("align_threshold needs orthonormalize='svd' (QR has no singular values to threshold).")
+    if kw["perspective"] == "scalar":  # no task spaces there (a chain forwards them to every PACT step)
+        kw["task_spaces"] = None
+    if kw["task_spaces"] is not None:
+        if not isinstance(kw["task_spaces"], Mapping):
+            raise ValueError(f"task_spaces must be a mapping {{leaf path: (T, d_in, k) array}}, got "
+                             f"{type(kw['task_spaces']).__name__}.")
+        if kw["side"] != "input":
+            raise ValueError("task_spaces are input-side spaces: use side='input', or no task_spaces (for LoRA "
+                             "adapters: --pact-arg lora_spaces=false, the dense SVD).")
     if kw["strength"] is None:
         kw["strength"] = DEFAULT_STRENGTH[kw["perspective"]]
     kw["strength"] = check_fraction(kw["strength"], "strength", allow_zero=True)
@@ -287,6 +313,7 @@ def pact(
     exclude: scope.Patterns = scope.DEFAULT_EXCLUDE,
     layer_ratio: float = 1.0,
     paths: Collection[str] | None = None,
+    task_spaces: Mapping[str, jax.Array] | None = None,
     rules: LeafRules = DEFAULT_RULES,
 ) -> PyTree:
     """PACT pre-processing of stacked task vectors (see the module docstring).
@@ -340,6 +367,14 @@ def pact(
       paths: an explicit collection of leaf paths to filter instead (resolve
         ``layer_ratio < 1`` with :func:`pact_jax.scope.select_matrices` over
         the whole model when merging group by group).
+      task_spaces: ``{path: V (T, d_in, k)}``: each task's explicit space
+        (step 2) given instead of computed, columns orthonormal or zero,
+        ``d_in`` the input side of the matrix view (``rules.input_side``);
+        ``task_rank`` / ``task_energy`` do not apply to those paths. The LoRA
+        variant (DESIGN §1a step 9) passes the row space of each adapter's
+        ``A`` (:func:`pact_jax.lora.row_space`, k = r); :func:`pact_jax.chain`
+        forwards a merge's ``task_spaces=`` here. Needs ``side='input'``;
+        ignored by the scalar perspective.
       rules: :class:`pact_jax.LeafRules`; frozen and averaged leaves are
         returned unchanged.
 

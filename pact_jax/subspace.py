@@ -276,6 +276,7 @@ def pact_kernel(
     w0: jax.Array,
     tau: jax.Array,
     key: jax.Array | None,
+    spaces: jax.Array | None = None,
     *,
     sides: tuple[str, ...],
     pretrained_rank: int,
@@ -297,7 +298,9 @@ def pact_kernel(
     ``'left'`` protects the row space (the input space of a Flax kernel),
     ``'right'`` the column space (of a torch weight); with both, the two
     filters are found from the input task vectors and applied in turn.
-    Ranks are resolved integers (static).
+    Ranks are resolved integers (static). ``spaces (T, d, k)``: the task
+    explicit spaces of the single side, given (PACT's LoRA variant: the row
+    spaces of the adapters' ``A``) instead of step 2's SVD of ``tau``.
     """
     compute = jnp.promote_types(tau.dtype, jnp.float32)
     w0, tau = w0.astype(compute), tau.astype(compute)
@@ -312,7 +315,10 @@ def pact_kernel(
         d = w_f.shape[-1]
         v0k, v0perp = pretrained_core(w_f, k0, rank=pretrained_rank, energy=pretrained_energy, core=core,
                                       complement=direct and d - pretrained_rank < pretrained_rank, **opts)
-        v = task_spaces(tau_f, k1, rank=task_rank, energy=task_energy, **opts)
+        if spaces is not None:
+            v = spaces.astype(compute)
+        else:
+            v = task_spaces(tau_f, k1, rank=task_rank, energy=task_energy, **opts)
         filters.append((side, v0k, v0perp, v))
     out = tau
     for side, v0k, v0perp, v in filters:
