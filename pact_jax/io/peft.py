@@ -38,13 +38,13 @@ from typing import Any, Literal
 import numpy as np
 
 from pact_jax.io.base import CheckpointError, CheckpointReader, SEP, publish, remove, staging_path
+from pact_jax.layout import Layout, detect_layout
 from pact_jax.lora import LoraFactors
 
 CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"
 WEIGHTS_BIN = "adapter_model.bin"
 PREFIX = "base_model.model."
-Layout = Literal["torch", "flax"]
 
 # LoraConfig fields that change what the saved tensors mean (PEFT's LoRA variants and friends).
 _UNSUPPORTED_FIELDS = {
@@ -288,17 +288,22 @@ def _base_reader(base: CheckpointReader | str | os.PathLike) -> CheckpointReader
     return open_reader(base)
 
 
-def bind_adapter(adapter: PeftAdapter, base: CheckpointReader | str | os.PathLike) -> BoundAdapter:
+def bind_adapter(
+    adapter: PeftAdapter, base: CheckpointReader | str | os.PathLike, *, layout: Layout | None = None
+) -> BoundAdapter:
     """Maps ``adapter`` onto the leaves of ``base`` (a reader or a checkpoint path), checking shapes.
 
-    A Linear module's leaf is ``<module>/weight`` stored ``(d_out, d_in)`` (HF
-    torch names; ``(d_in, d_out)`` with ``fan_in_fan_out``) or ``<module>/kernel``
-    stored ``(d_in, d_out)`` (Flax); an embedding's is ``weight`` / ``embedding``
+    A Linear module's leaf is ``<module>/weight`` or ``<module>/kernel``, stored
+    as the base's layout says (:func:`pact_jax.layout.detect_layout`, or
+    ``layout=``): ``(d_out, d_in)`` in a torch base, ``(d_in, d_out)`` in a Flax
+    one, and the other way round with ``fan_in_fan_out`` (GPT-2's Conv1D in
+    torch, FlaxConv1D in Flax); an embedding's is ``weight`` / ``embedding``
     ``(num, dim)``. Raises :class:`CheckpointError` naming the adapter file,
     the key and the base leaf when a module has no leaf or a wrong shape.
     """
     reader = _base_reader(base)
     meta = reader.metadata()
+    flax_base = (layout or detect_layout(reader)) == "flax"
     index = _Index({p: tuple(s.shape) for p, s in meta.items()})
     file = adapter.weights_file
     factors, layouts, modules, full, bias = {}, {}, {}, {}, {}
@@ -314,7 +319,7 @@ def bind_adapter(adapter: PeftAdapter, base: CheckpointReader | str | os.PathLik
         path, leaf = index.find(name, names, f"{file}: module '{name}'", reader.path)
         claim(path, f"module '{name}'")
         d_out, d_in = mod.factors.b.shape[0], mod.factors.a.shape[1]
-        transposed = mod.kind == "linear" and (leaf == "kernel" or adapter.fan_in_fan_out)
+        transposed = mod.kind == "linear" and flax_base != adapter.fan_in_fan_out
         want = (d_in, d_out) if transposed else (d_out, d_in)
         got = index.shapes[path]
         if got != want:

@@ -249,6 +249,23 @@ def test_fan_in_fan_out_conv1d_base(tmp_path):
         peft.load_adapter(ad2, base)
 
 
+def test_fan_in_fan_out_flax_conv1d_base(tmp_path):
+    """HF's FlaxConv1D (GPT-2 in Flax) stores its kernel (out, in): in a Flax base fan_in_fan_out means
+    the update is NOT transposed; the base's layout (pact_jax.layout), not the leaf name, decides."""
+    rng = np.random.default_rng(1)
+    w0 = rng.normal(size=(3 * D, D)).astype(np.float32)  # FlaxConv1D kernel: (out 3D, in D)
+    other = rng.normal(size=(D, D)).astype(np.float32)  # a Flax Dense kernel, so the base reads as Flax
+    base = tmp_path / "base.msgpack"
+    io.save(base, {"params": {"h_0": {"attn": {"c_attn": {"kernel": w0}}, "mlp": {"kernel": other}}}})
+    a, b = rng.normal(size=(2, D)), rng.normal(size=(3 * D, 2))
+    ad = write_adapter(tmp_path / "ad", {"h_0.attn.c_attn": (a, b)}, r=2, alpha=4, fan_in_fan_out=True)
+    bound = peft.load_adapter(ad, base)
+    assert bound.layouts == {"params/h_0/attn/c_attn/kernel": "torch"}
+    streaming.merge_checkpoints(base, [ad], tmp_path / "out.msgpack", recipes.make_merge("task_arithmetic", alpha=1.0))
+    got = io.load(tmp_path / "out.msgpack")["params"]["h_0"]["attn"]["c_attn"]["kernel"]
+    np.testing.assert_allclose(got, np_lora_merge(w0, [(a, b, 2.0)], 1.0, transposed=False), rtol=1e-5, atol=1e-5)
+
+
 def test_modules_to_save_and_lora_bias(tmp_path):
     weights = base_weights()
     base = write_torch_base(tmp_path / "base.safetensors", weights)
