@@ -7,8 +7,10 @@ directory with exactly one such item below it (``ocp.v1`` saves write
 holds ``default/`` or ``params/``); :func:`pact_jax.io.open_reader` turns a
 ``CheckpointManager`` root into one of its steps first
 (:mod:`pact_jax.io.orbax_manager`). Trees with tuples (an optax state) and
-empty nodes (``EmptyState``) are read too (:func:`read_item_tree`). Every leaf's shape and dtype come from
-orbax's own files without opening any array (:func:`read_array_metadata`: the
+empty nodes (``EmptyState``) are read too
+(:func:`~pact_jax.io.orbax_metadata.read_item_tree`). Every leaf's shape and
+dtype come from orbax's own files without opening any array
+(:func:`~pact_jax.io.orbax_metadata.read_array_metadata`: the
 ``_METADATA`` tree and each array's zarr ``zarr.json`` / ``.zarray``, read from
 the OCDBT key-value store in one batch), falling back to orbax's metadata path
 (which opens every leaf's TensorStore array, and keeps memory per leaf) for
@@ -34,22 +36,29 @@ run (``jax.distributed``) every process creates the writer and calls
 ``write``/``commit`` with the same global arrays and writes only its own
 shards (NumPy leaves are written by process 0); all processes share one
 staging directory, which process 0 completes and renames into place once
-every process is done. The result has the :class:`Layout` of the writer's
-``source`` (the pre-trained checkpoint): a StandardCheckpointer directory stays
-one (``ocp.StandardCheckpointer().restore(path, target)``), a manager step's
+every process is done. The result has the
+:class:`~pact_jax.io.orbax_layout.Layout` of the writer's ``source`` (the
+pre-trained checkpoint): a StandardCheckpointer directory stays one
+(``ocp.StandardCheckpointer().restore(path, target)``), a manager step's
 named item keeps its name, with the source's key types and empty nodes, so
 that a ``TrainState`` restores from it; without an orbax source it is an orbax
 v1 save: load it with ``ocp.v1.load(path)`` or ``pact_jax.io.load(path)``
 (``ocp.StandardCheckpointer().restore(path + "/state")`` also works).
 ``tests/io/test_orbax_io.py`` checks it against what orbax itself writes,
 ``tests/io/test_orbax_layouts.py`` the layouts (docs/orbax.md).
+
+This module reads and writes one item's leaves; :mod:`pact_jax.io.orbax_metadata`
+reads (and composes) the item's ``_METADATA``, :mod:`pact_jax.io.orbax_layout` says
+where a checkpoint directory keeps its item, :mod:`pact_jax.io.orbax_manager`
+handles ``CheckpointManager`` roots and steps. The names other code imports from
+here (``Layout``, ``read_array_metadata``, ``item_directory``, ...) stay importable
+from this module.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import dataclasses
 import functools
 import json
 import os
@@ -63,7 +72,6 @@ import numpy as np
 import orbax.checkpoint as ocp
 import tensorstore as ts
 from etils import epath
-from flax import traverse_util
 
 from pact_jax.io.base import (
     SEP,
@@ -80,33 +88,59 @@ from pact_jax.io.base import (
     sync_processes,
     unflatten,
 )
+from pact_jax.io.orbax_layout import (
+    _CHECKPOINT_METADATA,
+    _INDICATOR,
+    ITEM,
+    STANDARD_HANDLER,
+    V1_LAYOUT,
+    Layout,
+    checkpoint_metadata_json,
+    item_directory,
+    read_layout,
+)
 
-_METADATA = "_METADATA"
-_OCDBT_MANIFEST = "manifest.ocdbt"
-# orbax type strings of leaves stored as one zarr array each (np.ndarray, jax.Array, Python scalars).
-_ARRAY_TYPES = ("np.ndarray", "jax.Array", "scalar")
-_DICT_KEY = 2  # orbax's KeyType.DICT (also namedtuple fields)
-_SEQUENCE_KEY = 1  # orbax's KeyType.SEQUENCE (tuple and list indices)
-# Bytes of OCDBT B-tree nodes cached while reading one checkpoint's array metadata (freed after).
-_METADATA_CACHE_BYTES = 8 << 20
+# read_array_metadata is looked up in this module's namespace when called (Reader.metadata; the T5X
+# reader imports it from here at call time): patching pact_jax.io.orbax.read_array_metadata (the
+# tests, benchmarks/streaming.py --orbax-metadata) sends both to orbax's metadata path.
+from pact_jax.io.orbax_metadata import (
+    _METADATA,
+    ItemTree,
+    joined_paths,
+    param_name,
+    read_array_metadata,
+    read_item_tree,
+    train_state_tree,
+    tree_metadata_json,
+)
 
+# What other modules import from here (some re-exported from orbax_layout / orbax_metadata).
+__all__ = [
+    "ITEM",
+    "STANDARD_HANDLER",
+    "V1_LAYOUT",
+    "ItemLeaves",
+    "ItemTree",
+    "Layout",
+    "Reader",
+    "Writer",
+    "check_restored_shapes",
+    "checkpoint_metadata_json",
+    "detect",
+    "item_directory",
+    "joined_paths",
+    "param_name",
+    "read_array_metadata",
+    "read_item_tree",
+    "read_layout",
+    "tree_metadata_json",
+    "ts_context",
+]
 
-def item_directory(path: Path) -> Path:
-    """The directory holding the PyTree item (``_METADATA``) at or just below ``path``."""
-    if (path / _METADATA).is_file():
-        return path
-    if not path.is_dir():
-        raise CheckpointError(f"{path}: not an orbax checkpoint directory.")
-    items = sorted(d for d in path.iterdir() if d.is_dir() and (d / _METADATA).is_file())
-    if len(items) == 1:
-        return items[0]
-    if not items:
-        raise CheckpointError(
-            f"{path}: not an orbax checkpoint (no '{_METADATA}' file here or in a "
-            "sub-directory, and no CheckpointManager step directories below it)."
-        )
-    names = [d.name for d in items]
-    raise CheckpointError(f"{path}: holds several orbax items {names}; pass the one to merge.")
+# The checkpoint-level file orbax writes last.
+_COMMIT_MARKER = "commit_success.txt"
+# Bytes of OCDBT B-tree nodes cached per checkpoint (orbax's default: 100 MB); see ts_context.
+_OCDBT_CACHE_BYTES = 0
 
 
 def detect(path: Path) -> bool:
@@ -117,223 +151,8 @@ def detect(path: Path) -> bool:
     return True
 
 
-# orbax's value types of nodes that hold no array (optax's EmptyState is an empty tuple: 'None' or 'Dict').
-_EMPTY_TYPES = ("None", "Dict", "List", "Tuple")
-
-
-@dataclasses.dataclass(frozen=True)
-class ItemTree:
-    """What an item's ``_METADATA`` and zarr metadata say about its tree.
-
-    Attributes:
-      meta: ``{key tuple: ShapeDtypeStruct}`` of every array leaf, in sorted key order.
-      keys: ``{'a/0/b': [{'key': 'a', 'key_type': 2}, ...]}``: orbax's key entries of every node
-        listed (leaves and empty nodes); ``key_type`` 1 is a sequence index (a tuple or list: an optax
-        state), 2 a dict key or namedtuple field. A writer copies them, so that a restore into the
-        original structure (a ``TrainState``) finds tuples where there were tuples.
-      empty: ``{path: orbax value type}`` of nodes that hold no array (``None``, ``{}``, ``()``:
-        optax's ``EmptyState``), which orbax lists with ``skip_deserialize``.
-    """
-
-    meta: dict[tuple[str, ...], jax.ShapeDtypeStruct]
-    keys: dict[str, list[dict]]
-    empty: dict[str, str]
-
-
-def read_array_metadata(item: Path) -> dict[tuple[str, ...], jax.ShapeDtypeStruct] | None:
-    """Shape and dtype of every leaf of the orbax PyTree item ``item``, opening no array.
-
-    orbax's own metadata path (``PyTreeCheckpointHandler.metadata``) opens each
-    leaf's TensorStore array to learn its shape, and with tensorstore 0.1.86
-    every leaf leaves ~9 KiB of Python objects behind for good: the dicts
-    ``TensorStore.spec().to_json()`` returns (orbax calls it per leaf) are
-    never freed though nothing refers to them (a loop of ``Spec.to_json()``
-    alone grows the same way). That was ~27 KiB of RSS per leaf and
-    checkpoint: 184 MiB for 9 checkpoints of 2048 leaves (benchmarks/RESULTS.md). This reads the same facts from the files orbax
-    writes: the leaf names and types from ``_METADATA``, then each array's zarr
-    metadata (``<name>/zarr.json``, or ``<name>/.zarray`` for zarr v2) — from
-    the item's OCDBT key-value store, all leaves in one batch of reads, or
-    from plain files without OCDBT. Memory is freed with the store.
-
-    Returns:
-      ``{key tuple: ShapeDtypeStruct}`` in sorted key order (the order of the
-      nested dicts' leaves), or ``None`` where this layout is not covered (no
-      ``tree_metadata``, sequence keys, non-array leaves such as strings or
-      ``None``, a missing zarr metadata entry, an unknown dtype): the caller
-      then asks orbax. :func:`read_item_tree` also covers sequence keys and
-      empty nodes (train states).
-    """
-    tree = read_item_tree(item, sequences=False)
-    return None if tree is None or tree.empty else tree.meta
-
-
-def read_item_tree(item: Path, *, sequences: bool = True) -> ItemTree | None:
-    """:func:`read_array_metadata` with the tree's key types and empty nodes (:class:`ItemTree`).
-
-    ``sequences``: accept sequence keys (tuples and lists, keyed ``'0'``, ``'1'``, ...) and nodes
-    that hold no array (``None``, empty containers), as an optax state has; without it such a tree
-    is not covered (``None``).
-    """
-    try:
-        md = json.loads((item / _METADATA).read_text())
-        entries = md["tree_metadata"]
-        use_ocdbt = md["use_ocdbt"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    if not isinstance(entries, Mapping) or not entries or use_ocdbt not in (True, False):
-        return None
-    suffix = "zarr.json" if md.get("use_zarr3") else ".zarray"
-    key_types = (_DICT_KEY, _SEQUENCE_KEY) if sequences else (_DICT_KEY,)
-    names: dict[tuple[str, ...], str] = {}
-    keys: dict[str, list[dict]] = {}
-    empty: dict[str, str] = {}
-    for entry in entries.values():
-        try:
-            key_md = entry["key_metadata"]
-            value = entry["value_metadata"]
-            if not key_md or any(k.get("key_type") not in key_types or not isinstance(k.get("key"), str) for k in key_md):
-                return None
-            path = tuple(k["key"] for k in key_md)
-            if value.get("skip_deserialize"):
-                if not sequences or value.get("value_type") not in _EMPTY_TYPES:
-                    return None
-                empty[SEP.join(path)] = value["value_type"]
-            elif value.get("value_type") not in _ARRAY_TYPES:
-                return None
-            else:
-                names[path] = ".".join(path)  # orbax's parameter name (ParamInfo.name)
-        except (KeyError, TypeError, AttributeError):
-            return None
-        keys[SEP.join(path)] = [{"key": k["key"], "key_type": k["key_type"]} for k in key_md]
-    if use_ocdbt:
-        raw = _read_ocdbt_keys(item, [f"{n}/{suffix}" for n in names.values()])
-    else:
-        raw = _read_files(item, [f"{n}/{suffix}" for n in names.values()])
-    if raw is None:
-        return None
-    out = {}
-    for path, blob in zip(names, raw):
-        try:
-            z = json.loads(blob)
-            shape = tuple(int(d) for d in z["shape"])
-            dtype = jax.numpy.dtype(z["data_type"] if "data_type" in z else z["dtype"])
-        except (ValueError, KeyError, TypeError):
-            return None
-        out[path] = jax.ShapeDtypeStruct(shape, dtype)
-    return ItemTree({p: out[p] for p in sorted(out)}, keys, empty)
-
-
-def _train_state_tree(item: Path) -> ItemTree | None:
-    """:func:`read_item_tree` where the tree has what :func:`read_array_metadata` leaves to orbax's
-    metadata path: tuple keys or empty nodes (an optax state); else ``None``."""
-    tree = read_item_tree(item)
-    if tree is None or not (tree.empty or any(k["key_type"] != _DICT_KEY for ks in tree.keys.values() for k in ks)):
-        return None
-    return tree
-
-
-def joined_paths(
-    meta: Mapping[tuple[str, ...], jax.ShapeDtypeStruct], where: str
-) -> dict[str, jax.ShapeDtypeStruct]:
-    """``{key tuple: m}`` (from :func:`read_array_metadata`) as ``{'a/b/c': m}``,
-    after checking that no key holds the separator (else paths are ambiguous)."""
-    check_key_names(traverse_util.unflatten_dict(dict(meta)), where)
-    return {SEP.join(k): m for k, m in meta.items()}
-
-
-def _read_ocdbt_keys(item: Path, keys: Sequence[str]) -> list[bytes] | None:
-    """Values of ``keys`` in the OCDBT database at ``item`` (``None`` if one is missing)."""
-    if not (item / _OCDBT_MANIFEST).is_file():
-        return None
-    # A context of its own: its caches (B-tree nodes) go with it.
-    context = ts.Context({"cache_pool": {"total_bytes_limit": _METADATA_CACHE_BYTES}})
-    try:
-        spec = {"driver": "ocdbt", "base": {"driver": "file", "path": f"{item}/"}}
-        store = ts.KvStore.open(spec, context=context).result()
-        results = [f.result() for f in [store.read(k) for k in keys]]
-    except Exception:  # noqa: BLE001 - tensorstore raises ValueError and others for a broken store
-        return None
-    if any(r.state != "value" for r in results):
-        return None
-    return [bytes(r.value) for r in results]
-
-
-def _read_files(item: Path, keys: Sequence[str]) -> list[bytes] | None:
-    try:
-        return [(item / k).read_bytes() for k in keys]
-    except OSError:
-        return None
-
-
 # --------------------------------------------------------------------------
 # Leaves through orbax's type handlers (no PyTree handler, no partial saves)
-
-# The PyTree item of an orbax v1 save, and its checkpoint-level files.
-ITEM = "state"
-_CHECKPOINT_METADATA = "_CHECKPOINT_METADATA"
-_INDICATOR = "orbax.checkpoint"
-_COMMIT_MARKER = "commit_success.txt"
-# What orbax v1 records as the handler of a PyTree item (checked against orbax's own save in the tests;
-# an orbax that names it otherwise still loads the checkpoint, with a warning).
-_PYTREE_HANDLER = "orbax.checkpoint.experimental.v1._src.handlers.pytree_handler.PyTreeHandler"
-# Bytes of OCDBT B-tree nodes cached per checkpoint (orbax's default: 100 MB); see ts_context.
-_OCDBT_CACHE_BYTES = 0
-# What StandardCheckpointer and CheckpointManager(...).save(step, args=StandardSave(...)) record.
-STANDARD_HANDLER = "orbax.checkpoint._src.handlers.standard_checkpoint_handler.StandardCheckpointHandler"
-
-
-@dataclasses.dataclass(frozen=True)
-class Layout:
-    """Where a checkpoint directory keeps its PyTree item, and what it records about it.
-
-    Attributes:
-      item: the item's directory name below the checkpoint (``'state'``: an orbax v1 save;
-        ``'default'`` or a name such as ``'params'``: a ``CheckpointManager`` step), or ``None``:
-        the item is the checkpoint directory itself (``StandardCheckpointer().save(path, tree)``).
-      handler: the item handler ``_CHECKPOINT_METADATA`` names (orbax picks it on restore).
-      indicator: whether the directory holds orbax v1's ``orbax.checkpoint`` file.
-
-    The writer mirrors the pre-trained checkpoint's layout (its ``source``), so the merged model
-    restores with the call that restored the input: ``StandardCheckpointer().restore(out, target)``
-    for a StandardCheckpointer save, ``Composite(params=...)`` for a step's ``params`` item.
-    """
-
-    item: str | None = ITEM
-    handler: str = _PYTREE_HANDLER
-    indicator: bool = True
-
-    def item_dir(self, checkpoint: Path) -> Path:
-        return checkpoint if self.item is None else checkpoint / self.item
-
-    def checkpoint_metadata(self, now_ns: int) -> dict:
-        """``_CHECKPOINT_METADATA``: a lone item at the top records its handler as a string, named
-        items as ``{name: handler}`` (as orbax writes them)."""
-        handlers = self.handler if self.item is None else {self.item: self.handler}
-        return {**checkpoint_metadata_json(now_ns), "item_handlers": handlers}
-
-
-V1_LAYOUT = Layout()  # what pact_jax.io.save writes: an orbax v1 save of one PyTree
-
-
-def read_layout(checkpoint: Path, item: Path) -> Layout:
-    """The :class:`Layout` of the checkpoint directory ``checkpoint`` whose item is ``item``."""
-    try:
-        handlers = json.loads((checkpoint / _CHECKPOINT_METADATA).read_text()).get("item_handlers")
-    except (OSError, ValueError, AttributeError):
-        handlers = None
-    name = None if item == checkpoint else item.name
-    if name is None:
-        handler = handlers if isinstance(handlers, str) else STANDARD_HANDLER
-    elif isinstance(handlers, Mapping) and isinstance(handlers.get(name), str):
-        handler = handlers[name]
-    else:
-        handler = _PYTREE_HANDLER if name == ITEM else STANDARD_HANDLER
-    return Layout(item=name, handler=handler, indicator=(checkpoint / _INDICATOR).exists())
-
-
-def param_name(keys: Sequence[str]) -> str:
-    """orbax's name of the leaf at ``keys`` (``ParamInfo.name``: its zarr array in the item)."""
-    return ".".join(keys)
 
 
 @functools.cache
@@ -466,7 +285,7 @@ class Reader(CheckpointReader):
     def metadata(self) -> dict[str, jax.ShapeDtypeStruct]:
         if self._meta is None:
             fast = read_array_metadata(self.item)
-            self._tree = ItemTree(fast, {}, {}) if fast is not None else _train_state_tree(self.item)
+            self._tree = ItemTree(fast, {}, {}) if fast is not None else train_state_tree(self.item)
             if self._tree is None:
                 self._meta = self._orbax_metadata()
             else:
@@ -525,55 +344,6 @@ class Reader(CheckpointReader):
     def close(self) -> None:
         self._handler.close()
         self._leaves = None
-
-
-def tree_metadata_json(
-    value_types: Mapping[tuple[str, ...], str],
-    *,
-    use_zarr3: bool = True,
-    key_metadata: Mapping[str, list[dict]] | None = None,
-    empty: Mapping[str, str] | None = None,
-) -> dict:
-    """The ``_METADATA`` orbax writes for a tree with these leaves.
-
-    ``value_types``: ``{key tuple: orbax type string}`` (``"np.ndarray"``,
-    ``"jax.Array"``); entries in the order orbax flattens the tree (sorted).
-    ``key_metadata``: ``{'/'-joined path: orbax key entries}`` where a node's keys are not all
-    dict keys (tuple indices of an optax state; :attr:`ItemTree.keys`), else dict keys.
-    ``empty``: ``{path: orbax value type}`` of nodes holding no array (``None``, ``()``).
-    """
-    key_metadata = key_metadata or {}
-
-    def keys_of(keys: tuple[str, ...]) -> list[dict]:
-        given = key_metadata.get(SEP.join(keys))
-        if given is not None and tuple(k["key"] for k in given) == tuple(keys):
-            return [dict(k) for k in given]
-        return [{"key": k, "key_type": _DICT_KEY} for k in keys]
-
-    nodes = {tuple(k): {"value_type": t, "skip_deserialize": False} for k, t in value_types.items()}
-    nodes.update({tuple(p.split(SEP)): {"value_type": t, "skip_deserialize": True} for p, t in (empty or {}).items()})
-    entries = {}
-    for keys in sorted(nodes):
-        entries[str(tuple(keys))] = {"key_metadata": keys_of(keys), "value_metadata": nodes[keys]}
-    return {
-        "tree_metadata": entries,
-        "use_ocdbt": True,
-        "use_zarr3": use_zarr3,
-        "store_array_data_equal_to_fill_value": True,
-        "custom_metadata": None,
-    }
-
-
-def checkpoint_metadata_json(now_ns: int) -> dict:
-    """The checkpoint-level ``_CHECKPOINT_METADATA`` of an orbax v1 save of one PyTree."""
-    return {
-        "item_handlers": {ITEM: _PYTREE_HANDLER},
-        "metrics": {},
-        "performance_metrics": {},
-        "init_timestamp_nsecs": now_ns,
-        "commit_timestamp_nsecs": now_ns,
-        "custom_metadata": {},
-    }
 
 
 class Writer(CheckpointWriter):
