@@ -12,7 +12,7 @@ from pact_jax import runtime
 # slower (see pact_jax/runtime.py).
 runtime.configure_cpu_runtime()
 
-from pact_jax import alpha, linalg, merges, scope
+from pact_jax import alpha, layout, linalg, lora, merges, mergekit, scope
 from pact_jax.alpha import AlphaSearch, alpha_grid, search_alpha
 from pact_jax.chain import chain
 from pact_jax.linalg import randomized_svd
@@ -39,9 +39,12 @@ __all__ = [
     "apply_delta",
     "chain",
     "check_finite",
+    "layout",
     "lbw_statistics",
     "linalg",
+    "lora",
     "merges",
+    "mergekit",
     "PACT_PRESETS",
     "pact",
     "pact_preset",

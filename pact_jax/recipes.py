@@ -34,7 +34,14 @@ from pact_jax.linalg import SvdMethod
 from pact_jax.tree import DEFAULT_RULES, LeafRules, leaves_with_paths
 
 METHODS: tuple[str, ...] = ("average", "task_arithmetic", "ties", "dare_ties", "tsv", "iso_c", "iso_cts")
+# METHODS are the recipes the benchmarks and the demo loop over; ALL_METHODS adds DARE followed by
+# task arithmetic (mergekit's dare_linear), which every entry point here accepts.
+ALL_METHODS: tuple[str, ...] = (*METHODS, "dare_task_arithmetic")
+# method -> the merger that follows DARE in it
+DARE_METHODS: Mapping[str, str] = {"dare_ties": "ties", "dare_task_arithmetic": "task_arithmetic"}
 SCALAR_METHODS = frozenset({"ties", "dare_ties"})
+# The recipes whose merger takes per-task ``weights`` (and ``normalize``).
+WEIGHTED_METHODS: tuple[str, ...] = ("average", "task_arithmetic", "ties", "dare_ties", "dare_task_arithmetic")
 # The transform run before the merger: none, PACT or SIFT (the PACT authors' ablation baseline).
 Transform = Literal["pact", "sift"] | None
 TRANSFORMS: tuple[Transform, ...] = (None, "pact", "sift")
@@ -49,6 +56,7 @@ DEFAULT_ALPHA: Mapping[str, float] = {
     "task_arithmetic": 0.3,
     "ties": 1.0,
     "dare_ties": 1.0,
+    "dare_task_arithmetic": 0.3,
     "tsv": 1.0,
     "iso_c": 1.0,
     "iso_cts": 1.0,
@@ -61,7 +69,7 @@ DEFAULT_ALPHA: Mapping[str, float] = {
 # The scalar perspective (ties, dare_ties) removes ~10 % and keeps the method's alpha.
 _ALPHA_OVERRIDES: dict[tuple[str, Transform], float] = {
     (method, transform): 2.0 * DEFAULT_ALPHA[method]
-    for method in ("average", "task_arithmetic", "tsv", "iso_c", "iso_cts")
+    for method in ("average", "task_arithmetic", "dare_task_arithmetic", "tsv", "iso_c", "iso_cts")
     for transform in ("pact", "sift")
 }
 
@@ -70,8 +78,8 @@ def default_alpha(method: str, transform: Transform = None, preset: str | None =
     """The alpha :func:`make_merge` uses for ``method`` after ``transform`` (``None``, ``'pact'``
     or ``'sift'``) when none is given; PACT's ``light`` preset removes ~0.5 % of tau and keeps
     the method's alpha."""
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; choose one of {METHODS}.")
+    if method not in ALL_METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {ALL_METHODS}.")
     if transform not in TRANSFORMS:
         raise ValueError(f"unknown transform {transform!r}; choose one of {TRANSFORMS}.")
     if transform == "pact" and preset == "light":
@@ -118,8 +126,8 @@ def transform_settings(
     keywords)``; raises ``ValueError`` for contradictory arguments (see
     :func:`make_merge`).
     """
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; choose one of {METHODS}.")
+    if method not in ALL_METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {ALL_METHODS}.")
     use_pact = use_pact or pact_preset is not None
     if use_pact and use_sift:
         what = f"pact_preset={pact_preset!r}" if pact_preset is not None else "use_pact"
@@ -199,11 +207,13 @@ def make_merge(
     budget_bytes: int | None = None,
     shapes: Mapping[str, tuple[int, ...]] | None = None,
 ) -> Callable[..., Any]:
-    """The chain for ``method`` (one of :data:`METHODS`), optionally after PACT or SIFT.
+    """The chain for ``method`` (one of :data:`ALL_METHODS`), optionally after PACT or SIFT.
 
     Args:
-      method: merger name; ``dare_ties`` is ``dare`` (drop rate ``p``) then
-        ``ties`` (``density``): pass both through ``method_kwargs``.
+      method: merger name (:data:`ALL_METHODS`); ``dare_ties`` is ``dare``
+        (drop rate ``p``) then ``ties`` (``density``), ``dare_task_arithmetic``
+        is ``dare`` then ``task_arithmetic``: pass both steps' keywords
+        through ``method_kwargs`` (``convention`` reaches both).
       use_pact: run :func:`pact_jax.pact` on the task vectors first.
       pact_preset: a name of :data:`pact_jax.pact.PRESETS` (``'paper'``,
         ``'adaptive'``, ``'light'``, ``'release'``); implies ``use_pact``.
@@ -216,7 +226,7 @@ def make_merge(
         baseline) instead; exclusive with ``use_pact`` / ``pact_preset``.
       sift_kwargs: keywords of :func:`pact_jax.sift`.
       method_kwargs: the merger's hyperparameters (``density``, ``p``,
-        ``common_fraction``).
+        ``common_fraction``, ``weights``, ``normalize``, ``convention``).
       alpha: scaling of the merged delta; default :func:`default_alpha`.
       rules: leaf rules for every step.
       svd: ``'exact'`` or ``'randomized'`` for every SVD of which only top
@@ -252,10 +262,13 @@ def make_merge(
         if transform is not None:
             steps.append(_bind(getattr(pact_jax, transform), transform_kw, transform))
         mkw = dict(method_kwargs)
-        if method == "dare_ties":
-            dare_kw = {k: mkw.pop(k) for k in list(mkw) if k in _keywords(merges.dare)}
+        if method in DARE_METHODS:
+            merger = merges.MERGERS[DARE_METHODS[method]]
+            dare_kw = {k: mkw[k] for k in mkw if k in _keywords(merges.dare)}
+            # A keyword both take (convention) reaches both; one only DARE takes moves to DARE.
+            mkw = {k: v for k, v in mkw.items() if k not in dare_kw or k in _keywords(merger)}
             steps.append(_bind(merges.dare, dare_kw, "dare"))
-            steps.append(_bind(merges.ties, mkw, "ties"))
+            steps.append(_bind(merger, mkw, DARE_METHODS[method]))
         else:
             steps.append(_bind(merges.MERGERS[method], mkw, method))
         return chain(*steps, alpha=alpha, rules=rules, budget_bytes=budget_bytes)
@@ -317,4 +330,4 @@ def needs_key(
     randomized = (transform is not None and t_kw.get("svd") == "randomized") or (
         _with_svd(method, method_kwargs, svd).get("svd") == "randomized"
     )
-    return method == "dare_ties" or randomized
+    return method in DARE_METHODS or randomized

@@ -55,25 +55,27 @@ def ref_task_arithmetic(tau: np.ndarray) -> np.ndarray:
     return total
 
 
-def ref_ties_flat(tau: np.ndarray, density: float) -> np.ndarray:
-    """TIES on ``tau (T, N)``: trim (per task, ties at the k-th magnitude kept),
-    elect sign of the trimmed sum, disjoint mean of the agreeing non-zeros."""
+def ref_ties_flat(tau: np.ndarray, density: float, weights=None, normalize: bool = True) -> np.ndarray:
+    """TIES on ``tau (T, N)``, pact_jax's convention: per task exactly
+    k = max(1, round(density N)) entries of largest |tau_t| (among equal
+    magnitudes the lower index first); x_t = w_t trimmed_t; elect the sign of
+    sum_t x_t (a zero sum elects nothing: the entry is 0); merge the agreeing
+    non-zeros: sum x_t / sum w_t over them (normalize), or their sum."""
     n_tasks, n = tau.shape
-    k = max(1, round(density * n))
+    w = np.ones(n_tasks) if weights is None else np.asarray(weights, np.float64)
+    k = min(n, max(1, round(density * n)))
     trimmed = np.zeros_like(tau)
     for t in range(n_tasks):
-        mag = np.abs(tau[t])
-        kth = np.sort(mag)[::-1][k - 1]
-        trimmed[t] = np.where(mag >= kth, tau[t], 0.0)
-    elected = np.sign(trimmed.sum(0))
+        kept = sorted(range(n), key=lambda j: (-abs(tau[t, j]), j))[:k]
+        trimmed[t, kept] = tau[t, kept]
+    x = trimmed * w[:, None]
     out = np.zeros(n)
     for j in range(n):
-        agreeing = [
-            trimmed[t, j]
-            for t in range(n_tasks)
-            if trimmed[t, j] != 0 and np.sign(trimmed[t, j]) == elected[j]
-        ]
-        out[j] = np.mean(agreeing) if agreeing else 0.0
+        elected = np.sign(x[:, j].sum())
+        agreeing = [t for t in range(n_tasks) if x[t, j] != 0 and np.sign(x[t, j]) == elected]
+        total = sum(x[t, j] for t in agreeing)
+        divisor = sum(w[t] for t in agreeing)
+        out[j] = total / divisor if normalize and divisor != 0 else total
     return out
 
 
@@ -200,11 +202,21 @@ def ref_tree(stacked, *, matrix_fn=None, flat_fn=None):
     return jax.tree_util.tree_unflatten(treedef, out)
 
 
+WEIGHTS = (1.0, 0.5, 2.0)  # per-task weights of the weighted entries (3 tasks)
+
 REFERENCES = {
     "average": lambda st: ref_tree(st, flat_fn=ref_average),
     "task_arithmetic": lambda st: ref_tree(st, flat_fn=ref_task_arithmetic),
     "ties_0.3": lambda st: ref_tree(st, flat_fn=lambda x: ref_ties(x, 0.3)),
     "ties_1.0": lambda st: ref_tree(st, flat_fn=lambda x: ref_ties(x, 1.0)),
+    # Per-task weights (3 tasks) inside the election and the divisor, and normalize=False.
+    "ties_0.3_weighted": lambda st: ref_tree(
+        st, flat_fn=lambda x: ref_ties_flat(x.reshape(3, -1), 0.3, WEIGHTS).reshape(x.shape[1:])
+    ),
+    "ties_0.3_weighted_sum": lambda st: ref_tree(
+        st, flat_fn=lambda x: ref_ties_flat(x.reshape(3, -1), 0.3, WEIGHTS, normalize=False).reshape(x.shape[1:])
+    ),
+    "task_arithmetic_weighted": lambda st: ref_tree(st, flat_fn=lambda x: np.tensordot(WEIGHTS, x, axes=1)),
     "tsv": lambda st: ref_tree(st, matrix_fn=ref_tsv_matrix),
     "tsv_spread": lambda st: ref_tree(st, matrix_fn=lambda x: ref_tsv_matrix(x, spread_remainder=True)),
     "iso_c": lambda st: ref_tree(st, matrix_fn=ref_iso_c_matrix),
@@ -222,6 +234,9 @@ LIBRARY = {
     "task_arithmetic": lambda st, **kw: merges.task_arithmetic(st, **kw),
     "ties_0.3": lambda st, **kw: merges.ties(st, density=0.3, **kw),
     "ties_1.0": lambda st, **kw: merges.ties(st, 1.0, **kw),
+    "ties_0.3_weighted": lambda st, **kw: merges.ties(st, 0.3, weights=WEIGHTS, **kw),
+    "ties_0.3_weighted_sum": lambda st, **kw: merges.ties(st, 0.3, weights=WEIGHTS, normalize=False, **kw),
+    "task_arithmetic_weighted": lambda st, **kw: merges.task_arithmetic(st, weights=WEIGHTS, **kw),
     "tsv": lambda st, **kw: merges.tsv(st, **kw),
     "tsv_spread": lambda st, **kw: merges.tsv(st, spread_remainder=True, **kw),
     "iso_c": lambda st, **kw: merges.iso_c(st, **kw),
@@ -400,11 +415,33 @@ def test_ties_hand_computed_example():
     np.testing.assert_allclose(ref_ties(np.asarray(tau, np.float64), 0.5), [3.0, 0.0, 0.0, 3.0])
 
 
-def test_ties_keeps_ties_at_the_kth_magnitude():
-    # density 0.25 of N = 4 -> k = 1, but two entries share the top magnitude.
+def test_ties_breaks_ties_at_the_kth_magnitude_by_index():
+    # density 0.25 of N = 4 -> k = 1, and two entries share the top magnitude: exactly one is kept,
+    # the lower index. (Until issue 17 every entry tied with the k-th magnitude was kept, here 2 of 4;
+    # that rule is gone: ties must not inflate the density.)
     tau = jnp.array([[2.0, -2.0, 1.0, 0.5]])
     out = merges.ties({"w": tau}, 0.25)["w"]
-    np.testing.assert_allclose(np.asarray(out), [2.0, -2.0, 0.0, 0.0])
+    np.testing.assert_allclose(np.asarray(out), [2.0, 0.0, 0.0, 0.0])
+    np.testing.assert_allclose(ref_ties(np.asarray(tau, np.float64), 0.25), [2.0, 0.0, 0.0, 0.0])
+
+
+def test_ties_keeps_exactly_k_entries_of_a_bfloat16_bias():
+    # A bf16 fine-tune of a bias in [1, 2) (bf16 spacing 2^-7) by updates of ~0.005: its task vector
+    # takes a few multiples of 2^-7, so many entries tie at the k-th magnitude. Keeping all of them
+    # (the rule before issue 17) kept 45 % instead of 20 %; the trim keeps exactly round(0.2 N).
+    rng = np.random.default_rng(11)
+    pre = np.asarray(jnp.asarray(1.0 + rng.random(384).astype(np.float32), jnp.bfloat16), np.float32)
+    fts = [jnp.asarray(pre + 0.005 * rng.standard_normal(384).astype(np.float32), jnp.bfloat16) for _ in range(2)]
+    tau = np.stack([np.asarray(f, np.float32) - pre for f in fts])
+    k = round(0.2 * 384)
+    old_rule = [(np.abs(t) >= np.sort(np.abs(t))[::-1][k - 1]).sum() for t in tau]
+    assert min(old_rule) > 2 * k, old_rule  # the input does tie at the k-th magnitude
+    mask = np.asarray(merges.top_k_mask(jnp.abs(jnp.asarray(tau)), k))
+    assert mask.sum(1).tolist() == [k, k]
+    out = np.asarray(merges.ties({"b": jnp.asarray(tau)}, 0.2)["b"], np.float64)
+    np.testing.assert_allclose(out, ref_ties_flat(tau.astype(np.float64), 0.2), rtol=1e-6, atol=1e-9)
+    one = np.asarray(merges.ties({"b": jnp.asarray(tau[:1])}, 0.2)["b"])
+    assert (one != 0).sum() == k
 
 
 def test_ties_trims_per_leaf_and_per_task():
@@ -470,6 +507,12 @@ def test_dare_mask_depends_on_key_and_path_only():
     whole = merges.dare(jax.random.key(2), {"enc": {"w": x["big"], "b": x["bias"]}, "z": x["big"]}, 0.5)
     part = merges.dare(jax.random.key(2), {"enc": {"w": x["big"]}}, 0.5)
     chex.assert_trees_all_equal(whole["enc"]["w"], part["enc"]["w"])
+
+
+def test_dare_p_zero_is_the_identity():
+    # p = 0 keeps every entry (mergekit's density 1 for DARE); allowed since issue 17.
+    stacked = random_stacked(6, 3, DARE_SHAPES)
+    chex.assert_trees_all_equal(merges.dare(jax.random.key(0), stacked, 0.0), stacked)
 
 
 def test_dare_p_one_gives_zeros():
@@ -692,10 +735,10 @@ def test_ties_bad_density_raises(density):
         merges.ties(stacked, density)
 
 
-@pytest.mark.parametrize("p", [0.0, -0.1, 1.0001, 2.0, float("nan")])
+@pytest.mark.parametrize("p", [-0.1, 1.0001, 2.0, float("nan"), [0.5, 1.5]])
 def test_dare_bad_p_raises(p):
     stacked = random_stacked(61, 2, {"w": (4, 3)})
-    with pytest.raises(ValueError, match=r"^p must"):
+    with pytest.raises(ValueError, match=r"^p( \(per task\))? must"):
         merges.dare(jax.random.key(0), stacked, p)
 
 

@@ -119,3 +119,27 @@ def test_the_subspace_perspective_before_ties_warns():
         warnings.simplefilter("error")
         recipes.transform_settings("ties", use_pact=True)  # the scalar default: no warning
         recipes.transform_settings("tsv", use_pact=True, pact_kwargs={"perspective": "subspace"})
+
+
+def test_dare_recipes_split_keywords_and_pass_the_convention_to_both_steps(tiny_models):
+    pre, fts = tiny_models
+    key = jax.random.key(2)
+    kw = {"p": (0.5, 0.2, 0.0), "weights": (1.0, 0.5, 2.0), "convention": "mergekit", "normalize": False}
+    got = recipes.make_merge("dare_ties", method_kwargs={**kw, "density": 1.0}, alpha=1.0)(pre, fts, key=key)
+    want = pact_jax.chain(
+        functools.partial(merges.dare, p=kw["p"], rescale="l1"),  # the mergekit convention's DARE rescale
+        functools.partial(merges.ties, density=1.0, weights=kw["weights"], normalize=False, convention="mergekit"),
+    )(pre, fts, key=key)
+    chex.assert_trees_all_close(got, want, atol=1e-6)
+    # DARE then task arithmetic (mergekit's dare_linear): convention goes to DARE only, weights to TA.
+    got = recipes.make_merge("dare_task_arithmetic", method_kwargs=kw, alpha=0.5)(pre, fts, key=key)
+    want = pact_jax.chain(
+        functools.partial(merges.dare, p=kw["p"], convention="mergekit"),
+        functools.partial(merges.task_arithmetic, weights=kw["weights"], normalize=False),
+        alpha=0.5,
+    )(pre, fts, key=key)
+    chex.assert_trees_all_close(got, want, atol=1e-6)
+    assert recipes.needs_key("dare_task_arithmetic") and "dare_task_arithmetic" not in recipes.METHODS
+    assert recipes.default_alpha("dare_task_arithmetic") == recipes.default_alpha("task_arithmetic")
+    with pytest.raises(ValueError, match="tsv got unknown hyperparameters \\['weights'\\]"):
+        recipes.make_merge("tsv", method_kwargs={"weights": (1.0, 1.0, 1.0)})

@@ -9,8 +9,9 @@ group through the lazy interface.
 Format detection (override with ``format=``):
 
 * a file ending in ``.msgpack`` -> ``msgpack``; in ``.safetensors`` -> ``safetensors``;
-* a T5X checkpoint directory (``checkpoint`` msgpack file, or an orbax T5X
-  step directory) -> ``t5x``;
+* a T5X checkpoint (a step directory in any T5X layout, its ``checkpoint``
+  msgpack file or a bare T5X msgpack file, or a model directory whose latest
+  ``checkpoint_<N>`` is one) -> ``t5x``;
 * a directory of ``*.safetensors`` files (optionally with
   ``model.safetensors.index.json``) -> ``safetensors``;
 * any other directory -> ``orbax``.
@@ -66,7 +67,7 @@ def detect_format(path: str | os.PathLike) -> str:
     if not p.exists():
         return "orbax"
     if p.is_file():
-        if p.name == "checkpoint" and _module("t5x").detect(p.parent):
+        if _module("t5x").detect(p):  # a T5X msgpack: a step's 'checkpoint', or a bare file
             return "t5x"
         raise CheckpointError(
             f"{p}: cannot tell the checkpoint format of this file from its name; "
@@ -78,16 +79,24 @@ def detect_format(path: str | os.PathLike) -> str:
     return "orbax"
 
 
-def open_reader(path: str | os.PathLike, format: str | None = None) -> CheckpointReader:
-    """A lazy reader of the checkpoint at ``path`` (format detected if not given)."""
+def open_reader(path: str | os.PathLike, format: str | None = None, *, step: int | None = None) -> CheckpointReader:
+    """A lazy reader of the checkpoint at ``path`` (format detected if not given).
+
+    An orbax ``CheckpointManager`` root reads as its latest step, or as step ``step``
+    (:mod:`pact_jax.io.orbax_manager`; ``step`` for anything but a root is an error).
+    """
     p = Path(path)
     if not p.exists():
         raise CheckpointError(f"{p}: no such checkpoint (file or directory not found).")
     if not os.access(p, os.R_OK):
         raise CheckpointError(f"{p}: checkpoint is not readable (permission denied).")
+    if format in (None, "orbax"):
+        from pact_jax.io import orbax_manager
+
+        p = orbax_manager.resolve(p, step)
+    elif step is not None:
+        raise CheckpointError(f"{p}: a step selects a step of an orbax CheckpointManager root, not of a {format} checkpoint.")
     fmt = format or detect_format(p)
-    if fmt == "t5x" and p.is_file():
-        p = p.parent
     return _module(fmt).Reader(p)
 
 
@@ -98,6 +107,7 @@ def open_writer(
     *,
     source: CheckpointReader | None = None,
     overwrite: bool = False,
+    output_step: int | None = None,
 ) -> CheckpointWriter:
     """An atomic writer of a checkpoint with the leaves of ``template``.
 
@@ -108,8 +118,21 @@ def open_writer(
       source: the reader of a checkpoint whose layout to copy; required by
         ``t5x`` (the merged params replace the ``target`` of a copy of it).
       overwrite: replace an existing checkpoint at ``path`` (only on commit).
+      output_step: ``path`` is an orbax ``CheckpointManager`` root (new or existing) and the
+        checkpoint becomes its step ``output_step``, as ``CheckpointManager(path).save(step, ...)``
+        writes it; no other step is touched, an existing step is replaced only with ``overwrite``
+        (:mod:`pact_jax.io.orbax_manager`).
     """
     p = Path(path)
+    writer_options: dict[str, Any] = {}
+    if output_step is not None:
+        from pact_jax.io import orbax_manager
+
+        if (format or detect_format(p)) != "orbax":
+            raise CheckpointError(f"{p}: an output step is a step of an orbax CheckpointManager root; the output "
+                                  f"format here is {format or detect_format(p)}.")  # fmt: skip
+        p, writer_options["layout"] = orbax_manager.output_step(p, output_step, source=source, overwrite=overwrite)
+        format = "orbax"
     if format is not None and SUFFIXES.get(p.suffix, format) != format:
         raise CheckpointError(
             f"{p}: its suffix {p.suffix!r} names the {SUFFIXES[p.suffix]} format, but {format} was asked for; "
@@ -126,7 +149,7 @@ def open_writer(
         if lock is not None:
             owner.remove_leftovers(p)
         fmt = format or detect_format(p)
-        writer = _module(fmt).Writer(p, template, source=source)
+        writer = _module(fmt).Writer(p, template, source=source, **writer_options)
     except BaseException:
         if lock is not None:
             lock.release()
@@ -135,9 +158,9 @@ def open_writer(
     return writer
 
 
-def load(path: str | os.PathLike, format: str | None = None) -> dict:
-    """The whole checkpoint at ``path`` as nested dicts of NumPy arrays."""
-    with open_reader(path, format) as reader:
+def load(path: str | os.PathLike, format: str | None = None, *, step: int | None = None) -> dict:
+    """The whole checkpoint at ``path`` as nested dicts of NumPy arrays (``step``: of a CheckpointManager root)."""
+    with open_reader(path, format, step=step) as reader:
         return reader.load()
 
 
@@ -165,15 +188,27 @@ __all__ = [
     "CheckpointWriter",
     "detect_format",
     "flatten",
+    "is_adapter",
     "load",
+    "load_adapter",
+    "merge_adapters",
     "open_reader",
     "open_writer",
+    "read_adapter",
     "save",
+    "save_adapter",
     "unflatten",
 ]
+
+
+# PEFT LoRA adapters (docs/lora.md): name -> module, imported on first use.
+_ADAPTER_API = {"read_adapter": "peft", "load_adapter": "peft", "save_adapter": "peft", "is_adapter": "peft",
+                "merge_adapters": "lora_merge"}  # fmt: skip
 
 
 def __getattr__(name: str) -> Any:  # lazy submodule access: pact_jax.io.orbax etc.
     if name in _MODULES:
         return _module(name)
+    if name in _ADAPTER_API:
+        return getattr(importlib.import_module(f"pact_jax.io.{_ADAPTER_API[name]}"), name)
     raise AttributeError(name)

@@ -19,6 +19,7 @@ import numpy as np
 from flax import serialization
 
 from pact_jax.io.base import (
+    SEP,
     CheckpointError,
     CheckpointReader,
     CheckpointWriter,
@@ -43,6 +44,7 @@ class Reader(CheckpointReader):
         if not self.path.is_file():
             raise CheckpointError(f"{self.path}: a Flax msgpack checkpoint must be a file.")
         self._meta: dict[str, jax.ShapeDtypeStruct] | None = None
+        self._empty: dict[str, str] = {}
 
     def _parse(self) -> dict[str, Any]:
         try:
@@ -52,6 +54,7 @@ class Reader(CheckpointReader):
         if not isinstance(tree, dict):
             raise CheckpointError(f"{self.path}: holds a {type(tree).__name__}, not a dict of parameters.")
         check_key_names(tree, str(self.path))
+        self._empty = empty_subtrees(tree)
         flat = flatten(tree)
         for p, leaf in flat.items():
             if not isinstance(leaf, np.ndarray):
@@ -68,6 +71,23 @@ class Reader(CheckpointReader):
         flat = self._parse()
         return {p: flat[p] for p in paths}
 
+    def empty_nodes(self) -> dict[str, str]:
+        self.metadata()
+        return dict(self._empty)
+
+
+def empty_subtrees(tree: Any, prefix: str = "") -> dict[str, str]:
+    """``{path: 'Dict' | 'None'}`` of the empty dicts and ``None`` s in ``tree`` (optax's
+    ``EmptyState`` saved by ``flax.serialization.to_bytes`` is ``{}``), which flattening drops."""
+    out = {}
+    for k, v in tree.items():
+        path = f"{prefix}{k}"
+        if v is None or (isinstance(v, dict) and not v):
+            out[path] = "None" if v is None else "Dict"
+        elif isinstance(v, dict):
+            out.update(empty_subtrees(v, path + SEP))
+    return out
+
 
 class Writer(CheckpointWriter):
     format = "msgpack"
@@ -76,6 +96,8 @@ class Writer(CheckpointWriter):
         super().__init__(path, template)
         check_key_names(unflatten(self.template), str(self.path))
         self._buffer: dict[str, np.ndarray] = {}
+        # The source's empty subtrees (optax's EmptyState), without which flax's from_bytes(state, ...) fails.
+        self._empty = dict(source.empty_nodes()) if source is not None and hasattr(source, "empty_nodes") else {}
         self._staged = staging_path(self.path)
 
     def _write(self, arrays: Mapping[str, Any]) -> None:
@@ -84,6 +106,13 @@ class Writer(CheckpointWriter):
     def _commit(self) -> None:
         # Leaf order of the template, so the file reads back in the input's order.
         tree = unflatten({p: self._buffer[p] for p in self.template})
+        for path, kind in self._empty.items():
+            *parents, name = path.split(SEP)
+            node = tree
+            for k in parents:
+                node = node.setdefault(k, {})
+            if isinstance(node, dict) and name not in node:
+                node[name] = None if kind == "None" else {}
         try:
             self._staged.write_bytes(serialization.msgpack_serialize(tree))
             publish(self._staged, self.path, overwrite=self.overwrite)

@@ -51,7 +51,7 @@ from jax.sharding import Mesh
 
 from pact_jax import sharding
 from pact_jax.buckets import WORKING_SET_FACTOR, plan_groups, working_set_bytes  # noqa: F401 (re-exported)
-from pact_jax.io import FORMATS, SUFFIXES, detect_format, open_reader, open_writer
+from pact_jax.io import FORMATS, SUFFIXES, detect_format, open_reader, open_writer, orbax_manager, subtree
 from pact_jax.io.base import (
     CheckpointError,
     CheckpointReader,
@@ -110,6 +110,10 @@ class MergeReport:
     copied: tuple[str, ...]
     seconds: float
     peak_rss_bytes: int
+    #: What became of a train state's leaves outside its params (io.subtree); '' for a plain model.
+    train_state: str = ""
+    #: Files of the pre-trained model copied beside the weights (config, tokenizer: io.safetensors).
+    model_files: tuple[str, ...] = ()
 
     def summary(self) -> str:
         lines = [
@@ -123,6 +127,10 @@ class MergeReport:
             lines.append(f"leaves larger than the budget, merged alone: {list(self.over_budget)}")
         if self.copied:
             lines.append(f"non-float leaves copied from the pre-trained checkpoint: {list(self.copied)}")
+        if self.train_state:
+            lines.append(f"train state: {self.train_state}")
+        if self.model_files:
+            lines.append(f"files of the pre-trained model copied beside the weights: {list(self.model_files)}")
         return "\n".join(lines)
 
 
@@ -167,11 +175,13 @@ def check_compatible(pretrained: CheckpointReader, finetuned: Sequence[Checkpoin
                 )
 
 
-def _check_not_inside(output: Path, inputs: Sequence[Path]) -> None:
+def _check_not_inside(output: Path, inputs: Sequence[Path], beside_ok: bool = False) -> None:
+    """``beside_ok``: ``output`` is a new step of a CheckpointManager root, which may be an input
+    (read as another of its steps): checked again against the step directories read."""
     out = output.resolve()
     for src in inputs:
         s = src.resolve()
-        if out == s or s in out.parents or out in s.parents:
+        if out == s or out in s.parents or (s in out.parents and not (beside_ok and s == out.parent)):
             raise CheckpointError(
                 f"refusing to write the output {output} into or over the input checkpoint {src}; "
                 "choose an output path outside every input."
@@ -195,8 +205,13 @@ def merge_checkpoints(
     output_format: str | None = None,
     overwrite: bool = False,
     progress: bool | Callable[[Sequence[Any]], Any] = False,
+    output_dtype: Any = None,
     mesh: Mesh | None = None,
     limit_malloc: bool = True,
+    step: int | None = None,
+    output_step: int | None = None,
+    params_path: str | None = None,
+    other_leaves: str = "copy",
 ) -> MergeReport:
     """Merges checkpoints on disk into a new checkpoint at ``output``.
 
@@ -215,6 +230,9 @@ def merge_checkpoints(
         format defaults to the one its suffix names (``.msgpack``,
         ``.safetensors``), else the pre-trained checkpoint's.
       overwrite: replace an existing ``output`` (atomically, on success).
+      output_dtype: write every floating leaf in this dtype (e.g.
+        ``'bfloat16'``; mergekit's ``dtype`` / ``out_dtype``); ``None``: each
+        leaf in the pre-trained checkpoint's dtype.
       progress: ``True`` for a tqdm bar over groups, or a wrapper
         ``f(iterable) -> iterable``.
       mesh: merge each group with :func:`pact_jax.sharding.shard_merge` over
@@ -230,20 +248,46 @@ def merge_checkpoints(
       limit_malloc: call :func:`limit_malloc_retention` first (glibc; a
         process-wide setting), without which RSS creeps up with the number
         of groups although nothing outlives its group.
+      step: for inputs that are orbax ``CheckpointManager`` roots, the step to read (default:
+        each root's latest; docs/orbax.md).
+      output_step: write the merged model as step ``output_step`` of the ``CheckpointManager``
+        root ``output`` (new or existing; other steps untouched; an existing step needs
+        ``overwrite``).
+      params_path: the subtree that is the model (:mod:`pact_jax.io.subtree`): ``None`` detects
+        a train state's ``params`` (beside an ``opt_state``), ``''`` merges every leaf.
+      other_leaves: ``'copy'`` the leaves outside ``params_path`` (optimizer state, step) from
+        the pre-trained checkpoint into the output, or ``'drop'`` them.
 
     Returns:
       A :class:`MergeReport`. Nothing is written at ``output`` unless the
       whole merge succeeds.
     """
+    from pact_jax.io import lora_merge
+
+    if lora_merge.check_inputs(finetuned):  # PEFT LoRA adapter folders: merged into their base (docs/lora.md)
+        return lora_merge.merge_adapters(
+            pretrained, finetuned, output, merge, key=key, alpha=alpha, budget_bytes=budget_bytes,
+            input_format=input_format, output_format=output_format, overwrite=overwrite, progress=progress,
+            limit_malloc=limit_malloc, mesh=mesh, step=step, output_step=output_step, output_dtype=output_dtype,
+            params_path=params_path, other_leaves=other_leaves,
+        )  # fmt: skip
     start = time.perf_counter()
     if limit_malloc:
         limit_malloc_retention()
     pre_path = Path(pretrained)
     ft_paths = [Path(p) for p in finetuned]
     out_path = Path(output)
-    _check_not_inside(out_path, [pre_path, *ft_paths])
-    pre = open_reader(pre_path, input_format)
-    fts = [open_reader(p, input_format) for p in ft_paths]
+    if output_step is not None:  # the step's directory in the root, which the checks below are about
+        out_path = orbax_manager.step_path(out_path, output_step)
+    _check_not_inside(out_path, [pre_path, *ft_paths], output_step is not None)
+    if step is not None and not any(orbax_manager.is_manager_root(p) for p in (pre_path, *ft_paths)):
+        raise CheckpointError(f"step {step} was asked for, but no input is an orbax CheckpointManager root.")
+    pre_full = open_reader(pre_path, input_format, step=_step_of(pre_path, step))
+    fts_full = [open_reader(p, input_format, step=_step_of(p, step)) for p in ft_paths]
+    _check_not_inside(out_path, [r.path for r in (pre_full, *fts_full)])
+    # A train state: the merge sees its params subtree only (io.subtree).
+    selection = subtree.select(pre_full, params_path, other_leaves)
+    pre, fts = selection.view(pre_full), [selection.view(r) for r in fts_full]
     check_compatible(pre, fts)
     meta = pre.metadata()
     groups = plan_groups(meta, len(fts), budget_bytes)
@@ -253,29 +297,44 @@ def merge_checkpoints(
     alpha_kwarg = {} if alpha is None else {"alpha": alpha}
 
     fmt = output_format or (detect_format(out_path) if out_path.suffix in SUFFIXES else pre.format)
+    if output_step is not None and output_format is None:
+        fmt = "orbax"  # a CheckpointManager step, whatever the inputs
     writes_global = _writer_class(fmt).writes_global_arrays
     _check_processes(mesh, fmt)
     # A writer without writes_global_arrays runs on process 0 alone in a multi-process run.
-    writer = open_writer(out_path, meta, fmt, source=pre, overwrite=overwrite) if writes_global or is_primary_process() else None
+    out_meta = _with_float_dtype(meta, output_dtype)
+    if writes_global or is_primary_process():
+        # The merged leaves under their full paths, plus a train state's other leaves (io.subtree).
+        template = {**selection.output_template(pre_full), **selection.full_paths(out_meta)}
+        dest = Path(output) if output_step is not None else out_path
+        writer = open_writer(dest, template, fmt, source=selection.output_source(pre_full), overwrite=overwrite,
+                             output_step=output_step)  # fmt: skip
+    else:
+        writer = None
+    out = None if writer is None else selection.writer_view(writer)  # takes leaves named as the merge names them
     iterate = _progress(progress, groups) if is_primary_process() else groups
     with writer if writer is not None else contextlib.nullcontext():
-        if copied and writer is not None:
-            writer.write(pre.read(copied))
+        if writer is not None:
+            selection.copy_others(pre_full, writer, budget_bytes)
+        if copied and out is not None:
+            out.write(pre.read(copied))
         for group in iterate:
             targets = None if mesh is None else sharding.param_shardings({p: meta[p] for p in group}, mesh)
             w0 = _read(pre, group, targets)
             tasks = [unflatten(_read(reader, group, targets)) for reader in fts]
             merged = flatten(_group_merge(merge, mesh)(unflatten(w0), tasks, key=key, **alpha_kwarg))
+            if output_dtype is not None:
+                merged = {p: a.astype(out_meta[p].dtype) for p, a in merged.items()}
             del w0, tasks
             if not (writes_global and mesh is not None):
                 merged = _to_host(merged)
-            if writer is not None:
-                writer.write(merged)
+            if out is not None:
+                out.write(merged)
             del merged
         if writer is not None:
             writer.commit()
     sync_processes(f"merged into {out_path}")
-    for r in (pre, *fts):
+    for r in (pre_full, *fts_full):
         r.close()
     return MergeReport(
         output=out_path,
@@ -289,7 +348,23 @@ def merge_checkpoints(
         copied=tuple(copied),
         seconds=time.perf_counter() - start,
         peak_rss_bytes=peak_rss_bytes(),
+        train_state=selection.describe(pre_full),
+        model_files=tuple(getattr(writer, "copied_files", ())),
     )
+
+
+def _with_float_dtype(meta: dict[str, Any], dtype: Any) -> dict[str, Any]:
+    """``meta`` with every floating leaf's dtype replaced by ``dtype`` (``None``: ``meta``)."""
+    if dtype is None:
+        return meta
+    dtype = jax.numpy.dtype(dtype)
+    return {p: jax.ShapeDtypeStruct(s.shape, dtype) if jax.numpy.issubdtype(s.dtype, jax.numpy.floating) else s
+            for p, s in meta.items()}  # fmt: skip
+
+
+def _step_of(path: Path, step: int | None) -> int | None:
+    """``step`` for an input that is a CheckpointManager root; checkpoints are read as they are."""
+    return step if step is not None and orbax_manager.is_manager_root(path) else None
 
 
 def _writer_class(fmt: str) -> type[CheckpointWriter]:
