@@ -3,7 +3,9 @@
     pact-jax merge --pretrained PRE --finetuned FT1 FT2 ... --method tsv --pact --output OUT
     pact-jax merge ... --method tsv --pact-preset light [--pact-layer-ratio 0.5 --pact-exclude head]
     pact-jax merge ... --method task_arithmetic --sift [--sift-arg pretrained_rank=0.5]
-    pact-jax merge config.yaml [--flags that override it]
+    pact-jax merge config.yaml [OUT] [--flags that override it]
+    pact-jax merge mergekit.yml OUT_DIR         # a mergekit config, mergekit's numbers (docs/mergekit.md)
+    pact-jax merge --pretrained BASE --finetuned ADAPTER1 ADAPTER2 ... [--output-lora RANK]  (PEFT LoRA folders)
     pact-jax merge ... --distributed [--coordinator-address H:P --num-processes N --process-id I]
     pact-jax inspect CKPT [--pretrained PRE] [--finetuned FT ...]
 
@@ -23,9 +25,12 @@ output and prints the summary.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
+import logging
 import math
 import os
+import re
 import signal
 import sys
 import time
@@ -46,8 +51,67 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM, raised where the program is, so that it unwinds (and cleans up) as on Ctrl-C."""
 
 
+# Signals received by the console script's handlers (entry_point). A handler raises where the program
+# is, but Python drops an exception raised inside a gc callback ("Exception ignored in: <function
+# _xla_gc_callback>"), and the merge then ran on to exit 0 (2 of 16 signals, benchmarks/faults.py):
+# the loop over groups raises it again (_checked_groups).
+_RECEIVED: list[int] = []
+
+
 def _raise_terminated(signum: int, frame: Any) -> None:
+    _RECEIVED.append(signum)
     raise Terminated()
+
+
+def _raise_interrupted(signum: int, frame: Any) -> None:
+    _RECEIVED.append(signum)
+    raise KeyboardInterrupt()
+
+
+def _quiet_unraisable(unraisable: Any) -> None:
+    """``sys.unraisablehook``: the exception of a signal dropped in a gc callback is raised again between
+    groups; its traceback ("Exception ignored in: <function _xla_gc_callback>") would precede the
+    one-line message."""
+    if isinstance(unraisable.exc_value, KeyboardInterrupt) and _RECEIVED:
+        return
+    sys.__unraisablehook__(unraisable)
+
+
+def _raise_received() -> None:
+    if _RECEIVED:
+        raise Terminated() if _RECEIVED[-1] == signal.SIGTERM else KeyboardInterrupt()
+
+
+def _checked_groups(progress: bool):
+    """``progress=`` for the merge: its progress bar (if ``progress``), raising between groups a signal
+    whose exception was dropped where it was raised."""
+    from pact_jax.io import streaming
+
+    def iterate(groups):
+        for group in streaming._progress(progress, groups):
+            _raise_received()
+            yield group
+        _raise_received()
+
+    return iterate
+
+
+class _RelayedThreadError(logging.Filter):
+    """Drops orbax's log of an exception in its background save thread (a traceback, e.g. 30 lines
+    on a full disk): orbax raises it again in the caller, where it becomes one line naming the file.
+    Kept with --traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "_SignalingThread.run() raised an exception" not in str(record.msg)
+
+
+# TensorStore appends its whole JSON spec (~1 KB) to its errors, after the file and the reason.
+_TENSORSTORE_SPEC = re.compile(r"\s*\[tensorstore_spec='.*?'\]", re.DOTALL)
+
+
+def _message(e: BaseException) -> str:
+    """``str(e)`` without TensorStore's spec (``--traceback`` shows the exception as raised)."""
+    return _TENSORSTORE_SPEC.sub("", str(e))
 
 # Config-file keys (also the flags' dest names); values are checked by argparse-like converters below.
 _CONFIG_KEYS = {
@@ -63,9 +127,16 @@ _CONFIG_KEYS = {
     "output": str,
     "format": str,
     "output_format": str,
+    "step": int,
+    "output_step": int,
+    "params_path": str,
+    "other_leaves": str,
     "overwrite": bool,
     "budget_mib": float,
     "method_args": dict,
+    "weights": list,
+    "output_dtype": str,
+    "output_lora": int,
     "pact_args": dict,
     "sift_args": dict,
     "pact_only_2d": bool,
@@ -73,6 +144,7 @@ _CONFIG_KEYS = {
     "pact_exclude": list,
     "pact_layer_ratio": float,
     "rules": dict,
+    "layout": str,
     "progress": bool,
     "mesh": str,
     "distributed": bool,
@@ -81,7 +153,12 @@ _CONFIG_KEYS = {
     "process_id": int,
 }
 _DISTRIBUTED_KEYS = ("coordinator_address", "num_processes", "process_id")
+# orbax CheckpointManager steps and train states (docs/orbax.md).
+_STATE_KEYS = ("step", "output_step", "params_path", "other_leaves")
+_OUTPUT_DTYPES = ("float32", "bfloat16", "float16", "float64")
 _RULE_KEYS = ("matrix", "not_matrix", "average", "freeze")
+# Keys of a config's ``rules:`` mapping: the regex rules, and row_axes ({REGEX: K}, docs/layouts.md).
+_RULES_CONFIG_KEYS = (*_RULE_KEYS, "row_axes")
 # Scope of PACT's subspace perspective and of SIFT: config key -> keyword of pact / sift.
 _SCOPE_KEYS = {"pact_only_2d": "only_2d", "pact_include": "include", "pact_exclude": "exclude",
                "pact_layer_ratio": "layer_ratio"}  # fmt: skip
@@ -121,6 +198,26 @@ def _add_pact_scope(parser: argparse.ArgumentParser) -> None:
                         "of paths; default 1)")  # fmt: skip
 
 
+def _add_state_flags(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group(
+        "orbax steps and train states",
+        "CheckpointManager roots as inputs and outputs; train states (params + optimizer state + step), of which "
+        "only the params are merged. See docs/orbax.md.",
+    )
+    g.add_argument("--step", type=int, metavar="N",
+                   help="read step N of inputs that are orbax CheckpointManager roots (default: each root's latest)")
+    g.add_argument("--output-step", type=int, metavar="N",
+                   help="--output is a CheckpointManager root (new or existing): write the merged model as its step "
+                        "N, as CheckpointManager(root).save(N, ...) would; other steps are not touched, an existing "
+                        "step N needs --overwrite")
+    g.add_argument("--params-path", metavar="PATH",
+                   help="the subtree that is the model, e.g. params or state/params (default: a train state's "
+                        "top-level params, detected beside an opt_state; '' merges every leaf)")
+    g.add_argument("--other-leaves", choices=("copy", "drop"),
+                   help="the leaves outside --params-path (optimizer state, step): copy them from the pre-trained "
+                        "checkpoint into the output (default), or drop them (the output holds the params alone)")
+
+
 def _parser() -> argparse.ArgumentParser:
     from pact_jax import io, recipes
 
@@ -136,11 +233,14 @@ def _parser() -> argparse.ArgumentParser:
         help="merge checkpoints into one",
         description="Merge fine-tuned checkpoints of one pre-trained model. Flags override the YAML config.",
     )
-    m.add_argument("config", nargs="?", help="YAML file whose keys mirror the flags (see README)")
+    m.add_argument("config", nargs="?",
+                   help="YAML file whose keys mirror the flags (see README), or a mergekit config (models:, "
+                        "base_model:, merge_method:; docs/mergekit.md)")  # fmt: skip
+    m.add_argument("out", nargs="?", metavar="OUT", help="output, as in mergekit-yaml CONFIG OUT (same as --output)")
     m.add_argument("--pretrained", help="pre-trained checkpoint")
     m.add_argument("--finetuned", nargs="+", help="fine-tuned checkpoints, one per task")
-    m.add_argument("--method", choices=recipes.METHODS, metavar="METHOD",
-                   help=f"merging method, one of: {', '.join(recipes.METHODS)}")
+    m.add_argument("--method", choices=recipes.ALL_METHODS, metavar="METHOD",
+                   help=f"merging method, one of: {', '.join(recipes.ALL_METHODS)}")
     m.add_argument("--pact", action=argparse.BooleanOptionalAction, default=None, help="PACT pre-processing (default: off)")
     m.add_argument("--pact-preset", choices=presets,
                    help="PACT with a named set of hyperparameters (pact_jax.pact.PRESETS; implies --pact; "
@@ -149,6 +249,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="SIFT pre-processing instead of PACT: remove each task vector's component in the "
                         "pre-trained top subspace (the PACT authors' ablation baseline; default: off)")  # fmt: skip
     m.add_argument("--alpha", type=float, help="scaling of the merged delta (default per method)")
+    m.add_argument("--weights", nargs="+", type=float, metavar="W",
+                   help="per-model weights, one per --finetuned checkpoint (average, task_arithmetic, ties, "
+                        "dare_ties, dare_task_arithmetic; docs/mergekit.md)")  # fmt: skip
     m.add_argument(
         "--svd", choices=("exact", "randomized"),
         help="SVD of PACT's top-k / top-r factors and of TSV-M's per-task truncation (default exact; "
@@ -158,7 +261,13 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--output", help="where to write the merged checkpoint")
     m.add_argument("--format", choices=io.FORMATS, help="input format (default: detected)")
     m.add_argument("--output-format", choices=io.FORMATS, help="output format (default: the pre-trained one's)")
+    m.add_argument("--output-lora", type=int, metavar="RANK",
+                   help="with PEFT adapter folders as --finetuned: write a merged PEFT adapter of this rank "
+                        "(truncated SVD of each module's merged update) instead of the full model (docs/lora.md)")
+    m.add_argument("--output-dtype", choices=_OUTPUT_DTYPES,
+                   help="dtype of the output's float leaves (default: the pre-trained one's)")  # fmt: skip
     m.add_argument("--overwrite", action="store_true", default=None, help="replace an existing output")
+    _add_state_flags(m)
     m.add_argument("--budget-mib", type=float, help="memory budget of one group of leaves (default: whole model)")
     m.add_argument("--method-arg", type=_key_value, action="append", default=[], metavar="KEY=VALUE",
                    help="merger hyperparameter, e.g. density=0.2 (repeatable)")  # fmt: skip
@@ -170,6 +279,13 @@ def _parser() -> argparse.ArgumentParser:
     for rule in _RULE_KEYS:
         m.add_argument(f"--{rule.replace('_', '-')}", dest=f"rule_{rule}", metavar="REGEX",
                        help=f"leaf rule: paths matching REGEX are '{rule}' (see LeafRules)")  # fmt: skip
+    m.add_argument("--layout", choices=("auto", "flax", "torch"),
+                   help="how the checkpoints store a linear map: flax kernels (in, out) or torch / Hugging Face "
+                        "weights (out, in); auto (default) reads a safetensors header's format, else the leaf "
+                        "names (.../weight: torch). See docs/layouts.md")  # fmt: skip
+    m.add_argument("--row-axes", action="append", default=None, metavar="REGEX=K",
+                   help="matrix view of the leaves whose path matches REGEX: the first K axes are the rows "
+                        "(repeatable; before the default entries; YAML rules: {row_axes: {REGEX: K}})")  # fmt: skip
     m.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None, help="progress bar (default on)")
     m.add_argument("--mesh", metavar="auto|TxL",
                    help="run each group's merge sharded over a device mesh: 'auto' (all devices on the layers "
@@ -193,9 +309,14 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("--finetuned", nargs="*", default=[], help="more fine-tuned checkpoints (tasks) for PACT statistics")
     i.add_argument("--pretrained", help="pre-trained checkpoint: adds task-vector norms and PACT's LBW statistics")
     i.add_argument("--format", choices=io.FORMATS, help="input format (default: detected)")
+    i.add_argument("--step", type=int, metavar="N",
+                   help="CHECKPOINT is an orbax CheckpointManager root: inspect its step N (default: the latest)")
     i.add_argument("--pact-arg", type=_key_value, action="append", default=[], metavar="KEY=VALUE",
                    help="PACT hyperparameter for the statistics (repeatable)")  # fmt: skip
     i.add_argument("--pact-preset", choices=presets, help="PACT preset for the subspace statistics")
+    i.add_argument("--layout", choices=("auto", "flax", "torch"), default="auto",
+                   help="flax kernels (in, out) or torch weights (out, in), for PACT's input space (default: "
+                        "detected, docs/layouts.md)")  # fmt: skip
     _add_pact_scope(i)
     i.add_argument("--json", action="store_true", help="print JSON instead of tables")
     return ap
@@ -216,6 +337,13 @@ def _load_config(path: str) -> dict[str, Any]:
         data = {}
     if not isinstance(data, dict):
         raise UsageError(f"config {path} must be a mapping of keys to values, not {type(data).__name__}")
+    from pact_jax import mergekit
+
+    if mergekit.is_mergekit_config(data):  # models: / merge_method: (paths as mergekit reads them)
+        try:
+            return mergekit.translate(data, where=f"mergekit config {path}").settings()
+        except ValueError as e:
+            raise UsageError(str(e)) from e
     unknown = sorted(set(data) - set(_CONFIG_KEYS))
     if unknown:
         raise UsageError(f"config {path}: unknown keys {unknown}; allowed: {sorted(_CONFIG_KEYS)}")
@@ -226,9 +354,9 @@ def _load_config(path: str) -> dict[str, Any]:
             data[k], ok = [v], True
         if not ok or (want in (int, float) and isinstance(v, bool)):
             raise UsageError(f"config {path}: '{k}' must be a {want.__name__}, got {v!r}")
-    unknown_rules = sorted(set(data.get("rules", {})) - set(_RULE_KEYS))
+    unknown_rules = sorted(set(data.get("rules", {})) - set(_RULES_CONFIG_KEYS))
     if unknown_rules:
-        raise UsageError(f"config {path}: unknown rules {unknown_rules}; allowed: {list(_RULE_KEYS)}")
+        raise UsageError(f"config {path}: unknown rules {unknown_rules}; allowed: {list(_RULES_CONFIG_KEYS)}")
     # Relative checkpoint paths in a config are relative to the config file.
     base = Path(path).parent
     for k in ("pretrained", "output"):
@@ -244,22 +372,34 @@ def merge_settings(args: argparse.Namespace) -> dict[str, Any]:
     cfg = _load_config(args.config) if args.config else {}
     for k in ("pretrained", "finetuned", "method", "pact", "pact_preset", "sift", "alpha", "svd", "seed", "output",
               "format", "output_format", "overwrite", "budget_mib", "progress", "mesh", "distributed",
-              *_DISTRIBUTED_KEYS, *_SCOPE_KEYS):  # fmt: skip
+              "weights", "output_dtype", *_DISTRIBUTED_KEYS, *_SCOPE_KEYS):  # fmt: skip
         v = getattr(args, k)
         if v is not None:
             cfg[k] = v
+    if args.out is not None:  # pact-jax merge CONFIG OUT, as mergekit-yaml CONFIG OUT_DIR
+        if args.output is not None and args.output != args.out:
+            raise UsageError(f"the output is given twice: OUT {args.out} and --output {args.output}")
+        cfg["output"] = args.out
+    for k in _STATE_KEYS:
+        if getattr(args, k) is not None:
+            cfg[k] = getattr(args, k)
+    _check_state_keys(cfg)
     cfg["method_args"] = {**cfg.get("method_args", {}), **dict(args.method_arg)}
     cfg["pact_args"] = {**cfg.get("pact_args", {}), **dict(args.pact_arg)}
     cfg["sift_args"] = {**cfg.get("sift_args", {}), **dict(args.sift_arg)}
     cfg["rules"] = {**cfg.get("rules", {}), **{r: getattr(args, f"rule_{r}") for r in _RULE_KEYS if getattr(args, f"rule_{r}")}}
+    _layout_settings(cfg, args)
+    if args.output_lora is not None:
+        cfg["output_lora"] = args.output_lora
     missing = [k for k in ("pretrained", "finetuned", "method", "output") if not cfg.get(k)]
     if missing:
         raise UsageError(f"merge needs {', '.join('--' + m for m in missing)} (as flags or config keys)")
     from pact_jax import recipes
     from pact_jax.tree import check_alpha
 
-    if cfg["method"] not in recipes.METHODS:
-        raise UsageError(f"unknown method {cfg['method']!r}; choose one of {list(recipes.METHODS)}")
+    if cfg["method"] not in recipes.ALL_METHODS:
+        raise UsageError(f"unknown method {cfg['method']!r}; choose one of {list(recipes.ALL_METHODS)}")
+    _check_weights(cfg, recipes)
     if cfg.get("alpha") is not None:
         try:
             check_alpha(cfg["alpha"], "--alpha (alpha)")
@@ -277,6 +417,36 @@ def merge_settings(args: argparse.Namespace) -> dict[str, Any]:
         cfg["mesh"] = "auto"
     _check_transform(cfg, recipes)
     return cfg
+
+
+def _check_weights(cfg: dict[str, Any], recipes) -> None:
+    """--weights (weights): one number per fine-tuned checkpoint, for a method that takes them (then
+    passed on as the merger's ``weights``); --output-dtype (output_dtype): a float dtype."""
+    weights = cfg.get("weights")
+    if weights is not None:
+        if cfg["method"] not in recipes.WEIGHTED_METHODS:
+            raise UsageError(f"--weights (weights): {cfg['method']} takes no per-model weights; "
+                             f"{', '.join(recipes.WEIGHTED_METHODS)} do")  # fmt: skip
+        if not all(isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w) for w in weights):
+            raise UsageError(f"--weights (weights) must be finite numbers, got {weights!r}")
+        if len(weights) != len(cfg["finetuned"]):
+            raise UsageError(f"--weights (weights) has {len(weights)} numbers for {len(cfg['finetuned'])} fine-tuned "
+                             "checkpoints: give one per checkpoint, in the same order")  # fmt: skip
+        cfg["method_args"] = {**cfg["method_args"], "weights": tuple(float(w) for w in weights)}
+    if cfg.get("output_dtype") not in (None, *_OUTPUT_DTYPES):
+        raise UsageError(f"--output-dtype (output_dtype) must be one of {list(_OUTPUT_DTYPES)}, "
+                         f"got {cfg['output_dtype']!r}")  # fmt: skip
+
+
+def _check_state_keys(cfg: dict[str, Any]) -> None:
+    """--step / --output-step / --other-leaves: values a usage error can name."""
+    for k in ("step", "output_step"):
+        if cfg.get(k) is not None and cfg[k] < 0:
+            raise UsageError(f"{_flag(k)} ({k}) must be a step number >= 0, got {cfg[k]}")
+    if cfg.get("other_leaves") not in (None, "copy", "drop"):
+        raise UsageError(f"--other-leaves (other_leaves) must be 'copy' or 'drop', got {cfg['other_leaves']!r}")
+    if cfg.get("other_leaves") == "drop" and cfg.get("params_path") in ("", "/"):
+        raise UsageError("--other-leaves drop with --params-path '' (the whole checkpoint): there is nothing to drop")
 
 
 def _check_transform(cfg: dict[str, Any], recipes) -> None:
@@ -325,14 +495,19 @@ def _scope_kwargs(cfg: dict[str, Any]) -> dict[str, Any]:
     return kw
 
 
-def _float_shapes(path: str, fmt: str | None) -> dict[str, tuple[int, ...]]:
-    """``{leaf path: shape}`` of a checkpoint's float leaves (those a merge sees), from its metadata."""
+def _float_shapes(path: str, fmt: str | None, cfg: dict[str, Any] | None = None) -> dict[str, tuple[int, ...]]:
+    """``{leaf path: shape}`` of a checkpoint's float leaves (those a merge sees), from its metadata:
+    the step and params subtree that ``cfg`` (``step``, ``params_path``) selects (io.subtree)."""
     import jax.numpy as jnp
 
     from pact_jax import io
+    from pact_jax.io import orbax_manager, subtree
 
+    cfg = cfg or {}
+    if fmt in (None, "orbax"):
+        path = str(orbax_manager.resolve(Path(path), cfg.get("step"), strict=False))
     with io.open_reader(path, fmt) as reader:
-        meta = reader.metadata()
+        meta = subtree.select(reader, cfg.get("params_path")).view(reader).metadata()
     return {p: tuple(s.shape) for p, s in meta.items() if jnp.issubdtype(s.dtype, jnp.floating)}
 
 
@@ -345,13 +520,48 @@ def _version() -> str:
         return "(not installed)"
 
 
-def _rules(spec: dict[str, str]):
+def _rules(spec: dict[str, Any], layout: str = "flax"):
     import pact_jax
 
+    spec = dict(spec)
+    if "row_axes" in spec:  # the user's entries first, then the defaults (Flax attention output kernels)
+        spec["row_axes"] = tuple(spec["row_axes"]) + pact_jax.LeafRules().row_axes
     try:
-        return pact_jax.LeafRules(**spec) if spec else pact_jax.DEFAULT_RULES
+        return pact_jax.LeafRules(**spec, layout=layout) if spec or layout != "flax" else pact_jax.DEFAULT_RULES
     except Exception as e:
         raise UsageError(f"bad leaf rules {spec}: {e}") from e
+
+
+def _layout_settings(cfg: dict[str, Any], args: argparse.Namespace) -> None:
+    """``--layout`` / ``layout:`` (checked; default auto) and ``--row-axes`` / ``rules: {row_axes:}``
+    (parsed into ``((REGEX, K), ...)``, the flags' entries first)."""
+    from pact_jax import layout
+
+    if args.layout is not None:
+        cfg["layout"] = args.layout
+    cfg.setdefault("layout", "auto")
+    try:
+        layout.check_layout(cfg["layout"], allow_auto=True, what="--layout (layout)")
+        entries = layout.parse_row_axes(args.row_axes or [], "--row-axes")
+        if "row_axes" in cfg["rules"]:
+            entries += layout.parse_row_axes(cfg["rules"]["row_axes"], "rules: row_axes")
+    except ValueError as e:
+        raise UsageError(str(e)) from e
+    if entries:
+        cfg["rules"]["row_axes"] = entries
+    else:
+        cfg["rules"].pop("row_axes", None)
+
+
+def _resolve_layout(cfg: dict[str, Any]) -> str:
+    """The checkpoints' layout: ``cfg['layout']``, or for ``auto`` the pre-trained checkpoint's
+    (:func:`pact_jax.layout.detect_layout`)."""
+    from pact_jax import io, layout
+
+    if cfg.get("layout", "auto") != "auto":
+        return cfg["layout"]
+    with io.open_reader(cfg["pretrained"], cfg.get("format")) as reader:
+        return layout.detect_layout(reader)
 
 
 def _warn_unmatched_rules(spec: dict[str, str], pretrained: str, paths: Sequence[str]) -> None:
@@ -359,10 +569,13 @@ def _warn_unmatched_rules(spec: dict[str, str], pretrained: str, paths: Sequence
     most likely a typo: say so on stderr (the merge goes on without it)."""
     import re
 
-    for key, pattern in spec.items():
-        if pattern and not any(re.search(pattern, p) for p in paths):
-            print(f"pact-jax merge: warning: leaf rule {key}: {pattern!r} (--{key.replace('_', '-')}) matches no leaf "
-                  f"of {pretrained}", file=sys.stderr)  # fmt: skip
+    from pact_jax.layout import rule_path
+
+    for key, value in spec.items():
+        for pattern in [regex for regex, _ in value] if key == "row_axes" else [value]:
+            if pattern and not any(re.search(pattern, p) or re.search(pattern, rule_path(p)) for p in paths):
+                print(f"pact-jax merge: warning: leaf rule {key}: {pattern!r} (--{key.replace('_', '-')}) matches no "
+                      f"leaf of {pretrained}", file=sys.stderr)  # fmt: skip
 
 
 def _warn_repeated_inputs(pretrained: str, finetuned: Sequence[str]) -> None:
@@ -380,6 +593,8 @@ def _warn_repeated_inputs(pretrained: str, finetuned: Sequence[str]) -> None:
 
 def run_merge(cfg: dict[str, Any]) -> int:
     _warn_repeated_inputs(cfg["pretrained"], cfg["finetuned"])
+    for note in cfg.get("mergekit_notes", ()):
+        print(f"pact-jax merge: note: {note}", file=sys.stderr)
     if cfg.get("distributed"):
         _initialize(cfg)  # before anything else touches a JAX backend
     import jax
@@ -387,6 +602,7 @@ def run_merge(cfg: dict[str, Any]) -> int:
     from pact_jax import recipes
     from pact_jax.io import streaming
 
+    adapters, lora_kw = _adapter_settings(cfg)  # PEFT LoRA adapter folders among --finetuned (docs/lora.md)
     use_pact, use_sift = bool(cfg.get("pact", False)), bool(cfg.get("sift", False))
     scope = _scope_kwargs(cfg)
     recipe = dict(
@@ -397,7 +613,8 @@ def run_merge(cfg: dict[str, Any]) -> int:
         sift_kwargs={**cfg["sift_args"], **scope} if use_sift else None,
         svd=cfg.get("svd"),
     )
-    rules = _rules(cfg["rules"])
+    layout = _resolve_layout(cfg)
+    rules = _rules(cfg["rules"], layout)
     try:
         transform, t_kw = recipes.transform_settings(cfg["method"], **recipe)
     except ValueError as e:
@@ -416,7 +633,7 @@ def run_merge(cfg: dict[str, Any]) -> int:
         )
     # The scope, resolved over the whole model: the merge may see one group of leaves at a time.
     # One read of the pre-trained metadata serves the rule check and the scope.
-    float_shapes = _float_shapes(cfg["pretrained"], cfg.get("format")) if (cfg["rules"] or scoped) else {}
+    float_shapes = _float_shapes(cfg["pretrained"], cfg.get("format"), cfg) if (cfg["rules"] or scoped) else {}
     _warn_unmatched_rules(cfg["rules"], cfg["pretrained"], list(float_shapes))
     shapes = float_shapes if scoped else None
     try:
@@ -436,7 +653,12 @@ def run_merge(cfg: dict[str, Any]) -> int:
     key = jax.random.key(cfg.get("seed", 0))
     budget = cfg.get("budget_mib")
     progress = cfg.get("progress", True)
-    report = streaming.merge_checkpoints(
+    merge_on_disk = streaming.merge_checkpoints
+    if adapters:
+        from pact_jax.io import lora_merge
+
+        merge_on_disk = functools.partial(lora_merge.merge_adapters, rules=rules, **lora_kw)
+    report = _removing_own_on_interrupt(merge_on_disk)(
         cfg["pretrained"],
         cfg["finetuned"],
         cfg["output"],
@@ -446,19 +668,81 @@ def run_merge(cfg: dict[str, Any]) -> int:
         input_format=cfg.get("format"),
         output_format=cfg.get("output_format"),
         overwrite=bool(cfg.get("overwrite", False)),
-        progress=progress,
+        progress=_checked_groups(progress),
         mesh=mesh,
+        output_dtype=cfg.get("output_dtype"),
+        step=cfg.get("step"),
+        output_step=cfg.get("output_step"),
+        params_path=cfg.get("params_path"),
+        other_leaves=cfg.get("other_leaves", "copy"),
     )
     alpha = cfg.get("alpha", recipes.default_alpha(cfg["method"], transform, cfg.get("pact_preset")))
     notes = [f"preset {cfg['pact_preset']}"] if cfg.get("pact_preset") else []
+    if layout != "flax":
+        notes.append(f"{layout} layout" + (" (detected)" if cfg.get("layout", "auto") == "auto" else ""))
     if paths is not None:
         notes.append(f"on {len(paths)} matri{'x' if len(paths) == 1 else 'ces'}")
     what = cfg["method"] + (f" + {transform.upper()}" if transform else "")
+    if cfg.get("mergekit_method"):
+        what = f"mergekit {cfg['mergekit_method']} as {what}"
     what += f" ({', '.join(notes)}), alpha {alpha}" if notes else f", alpha {alpha}"
     if jax.process_index() == 0:
         where = f", {jax.process_count()} processes, mesh {dict(mesh.shape)}" if jax.process_count() > 1 else ""
         print(f"{what}{where}\n{report.summary()}")
     return 0
+
+
+def _adapter_settings(cfg: dict[str, Any]) -> tuple[bool, dict[str, Any]]:
+    """Whether the fine-tuned inputs are PEFT adapter folders (all or none), and the adapter options:
+    ``--output-lora RANK`` and ``--pact-arg lora_spaces=false`` (PACT's dense SVD instead of the LoRA
+    variant's row spaces of A; taken out of the PACT keywords)."""
+    from pact_jax.io import lora_merge
+    from pact_jax.tree import PactInputError
+
+    try:
+        adapters = lora_merge.check_inputs(cfg["finetuned"])
+    except PactInputError as e:
+        raise UsageError(str(e)) from e
+    spaces = cfg["pact_args"].pop("lora_spaces", None)
+    rank = cfg.get("output_lora")
+    if not adapters and (spaces is not None or rank is not None):
+        given = "--output-lora (output_lora)" if rank is not None else "--pact-arg lora_spaces"
+        raise UsageError(f"{given} needs PEFT adapter folders as --finetuned")
+    if spaces is not None and not isinstance(spaces, bool):
+        raise UsageError(f"--pact-arg lora_spaces must be true or false, got {spaces!r}")
+    if spaces is not None and not cfg.get("pact"):
+        raise UsageError("--pact-arg lora_spaces chooses PACT's task spaces, but PACT is off (add --pact)")
+    if rank is not None and (isinstance(rank, bool) or rank < 1):
+        raise UsageError(f"--output-lora (output_lora) must be a positive rank, got {rank!r}")
+    return adapters, ({"output_lora": rank, "lora_spaces": spaces is not False} if adapters else {})
+
+
+def _removing_own_on_interrupt(merge_on_disk):
+    """``merge_on_disk``, removing on Ctrl-C / SIGTERM what this process left at the output (its lock and
+    staging copies: the writer's with-block removes them, unless the interrupt came between taking the
+    lock and handing it to the writer; pact_jax.io.owner.remove_own). An interrupt after the output was
+    renamed into place carries its path as ``written``, for the message."""
+
+    def inode(path) -> int | None:
+        try:
+            return os.stat(path).st_ino
+        except OSError:
+            return None
+
+    @functools.wraps(merge_on_disk)
+    def run(pretrained, finetuned, output, *args, **kwargs):
+        before = inode(output)
+        try:
+            return merge_on_disk(pretrained, finetuned, output, *args, **kwargs)
+        except KeyboardInterrupt as e:
+            from pact_jax.io import owner
+
+            owner.remove_own(output)
+            if inode(output) not in (None, before):  # published (a new inode) before the signal came
+                e.written = output
+            raise
+
+    return run
 
 
 def _initialize(cfg: dict[str, Any]) -> None:
@@ -509,7 +793,7 @@ def run_inspect(args: argparse.Namespace) -> int:
     from pact_jax import io
     from pact_jax.io.base import human_bytes
 
-    reader = io.open_reader(args.checkpoint, args.format)
+    reader = io.open_reader(args.checkpoint, args.format, step=args.step)
     meta = reader.metadata()
     rows = _tree_rows(meta)
     result: dict[str, Any] = {
@@ -518,6 +802,7 @@ def run_inspect(args: argparse.Namespace) -> int:
         "num_leaves": len(rows),
         "num_params": sum(r["size"] for r in rows),
         "bytes": int(sum(r["size"] * np.dtype(meta[r["path"]].dtype).itemsize for r in rows)),
+        "layout": _inspect_layout(args, reader),
         "leaves": rows,
     }
     if args.finetuned and not args.pretrained:
@@ -538,6 +823,12 @@ def run_inspect(args: argparse.Namespace) -> int:
     if "tasks" in result:
         _print_task_statistics(result["tasks"])
     return 0
+
+
+def _inspect_layout(args: argparse.Namespace, reader) -> str:
+    from pact_jax import layout
+
+    return layout.detect_layout(reader) if args.layout == "auto" else args.layout
 
 
 def _task_statistics(args: argparse.Namespace, reader) -> dict[str, Any]:
@@ -567,6 +858,7 @@ def _task_statistics(args: argparse.Namespace, reader) -> dict[str, Any]:
     preset = {} if args.pact_preset is None else dict(recipes.pact_presets()[args.pact_preset])
     # The preset and the scope are the subspace perspective's; the scalar one treats every leaf.
     scalar_kwargs = {k: v for k, v in pact_kwargs.items() if k not in (*recipes.SCOPE_KEYS, "paths")}
+    pact_kwargs["rules"] = scalar_kwargs["rules"] = pact_jax.LeafRules(layout=_inspect_layout(args, reader))
     try:
         subspace_kwargs = {**preset, **pact_kwargs, **scope, "perspective": "subspace"}
         subspace = pact_jax.lbw_statistics(pre, stacked, **subspace_kwargs)
@@ -630,6 +922,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as e:  # argparse: 2 on usage errors, 0 for --help
         return int(e.code or 0)
     start = time.perf_counter()
+    relayed = None if args.traceback else _RelayedThreadError()
+    if relayed is not None:
+        logging.getLogger("absl").addFilter(relayed)
     try:
         if args.command == "merge":
             return run_merge(merge_settings(args))
@@ -642,20 +937,31 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     except KeyboardInterrupt as e:  # the writers' with-blocks removed what this run had staged
         what = "terminated" if isinstance(e, Terminated) else "interrupted"
-        print(f"pact-jax {args.command}: {what} after {time.perf_counter() - start:.0f} s; nothing was written.",
+        written = getattr(e, "written", None)
+        done = f"{written} was written (complete) before that" if written else "nothing was written"
+        print(f"pact-jax {args.command}: {what} after {time.perf_counter() - start:.0f} s; {done}.",
               file=sys.stderr)  # fmt: skip
         return TERMINATED if isinstance(e, Terminated) else INTERRUPTED
     except Exception as e:  # noqa: BLE001 - every failure becomes a message and exit code 1
         if args.traceback:
             traceback.print_exc()
-        print(f"pact-jax {args.command}: error: {e}", file=sys.stderr)
+        print(f"pact-jax {args.command}: error: {_message(e)}", file=sys.stderr)
         return FAILURE
+    finally:
+        if relayed is not None:
+            logging.getLogger("absl").removeFilter(relayed)
 
 
 def entry_point() -> None:  # console script
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     signal.signal(signal.SIGTERM, _raise_terminated)
+    if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:  # ignored in a background job: kept so
+        signal.signal(signal.SIGINT, _raise_interrupted)
+    sys.unraisablehook = _quiet_unraisable
     code = main()
+    # Done, or cleaned up: a signal now would only turn the exit status into -2 / -15.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     if code in (INTERRUPTED, TERMINATED):
         # Interpreter teardown with JAX / TensorStore threads stopped mid-work segfaulted in about half
         # of the Ctrl-C runs (rc -11 after the message): the run has cleaned up, so skip the teardown.

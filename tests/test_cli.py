@@ -471,3 +471,17 @@ def test_integer_leaves_follow_one_rule_in_cli_and_api(tmp_path, capsys, tiny_mo
     want = recipes.make_merge("tsv", alpha=0.5)(pre_i, fts_i)  # the API merges the same tree
     assert_params_close(io.load(tmp_path / "out"), want)
     assert np.asarray(io.load(tmp_path / "out")["buffers"]["position_ids"]).dtype == np.int32
+
+
+def test_positional_output_after_an_own_config(tmp_path, capsys, tiny_checkpoints):
+    # pact-jax merge CONFIG OUT (as mergekit-yaml CONFIG OUT_DIR) for pact_jax's own configs too.
+    pre_dir, ft_dirs, pre, fts = tiny_checkpoints
+    path = tmp_path / "avg.yaml"
+    path.write_text(yaml.safe_dump({"pretrained": str(pre_dir), "finetuned": [str(d) for d in ft_dirs],
+                                    "method": "average", "weights": [1, 2, 1], "output": "ignored"}))  # fmt: skip
+    code, _, err = run(capsys, "merge", path, tmp_path / "out", "--no-progress")
+    assert code == 0, err
+    want = recipes.make_merge("average", method_kwargs={"weights": (1.0, 2.0, 1.0)})(pre, fts)
+    assert_params_close(io.load(tmp_path / "out"), want)
+    code, _, err = run(capsys, "merge", path, tmp_path / "out2", "--output", tmp_path / "out3")
+    assert code == 2 and "the output is given twice" in err

@@ -96,6 +96,13 @@ class CheckpointReader(abc.ABC):
             if p not in meta:
                 raise CheckpointError(f"{self.path}: no leaf '{p}' in this checkpoint.")
 
+    def empty_nodes(self) -> dict[str, str]:
+        """``{path: kind}`` of subtrees that hold no array (``None``, ``{}``, ``()``: optax's
+        ``EmptyState``; kind as orbax names it: ``'None'``, ``'Dict'``, ...). Not leaves; a writer
+        given this reader as ``source`` puts them back, so that the output restores into the
+        original structure (a ``TrainState``)."""
+        return {}
+
     def read_all(self) -> dict[str, np.ndarray]:
         return self.read(list(self.metadata()))
 
@@ -206,7 +213,11 @@ class CheckpointWriter(abc.ABC):
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is not None:
-            self.abort()
+            # The failure (or Ctrl-C) that stops the writer is what to report, not a cleanup that failed
+            # after it (orbax's threads may still be writing into the staging copy: "Directory not
+            # empty"); what is left carries this run's pid and the next run on the output removes it.
+            with contextlib.suppress(Exception):
+                self.abort()
         self._release()  # a writer left neither committed nor aborted frees its output path
 
 
@@ -226,13 +237,12 @@ def no_space(e: BaseException) -> bool:
 
 @contextlib.contextmanager
 def _named_disk_errors(path: Path, doing: str):
-    """A full disk while writing ``path`` becomes one sentence naming it and the space left."""
+    """A full disk while writing ``path`` becomes one sentence naming it and the space left (also when
+    a format's writer wrapped it: orbax's reads as its staging path and 3 KB of TensorStore text)."""
     try:
         yield
-    except CheckpointError:
-        raise
     except Exception as e:
-        if not no_space(e):
+        if not no_space(e) or (isinstance(e, CheckpointError) and "no space left on device while" in str(e)):
             raise
         try:
             free = human_bytes(shutil.disk_usage(path.parent).free)

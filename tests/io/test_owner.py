@@ -149,3 +149,61 @@ def test_a_killed_writer_leaves_a_lock_and_staging_that_the_next_run_cleans(tmp_
     io.save(dest, tree())
     assert time.time() - t0 < 30
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.msgpack"]
+
+
+def test_leftovers_named_after_a_staging_path_are_removed_too(tmp_path):
+    """orbax's partial save (the T5X orbax-layout writer) keeps its pending data in a sibling named
+    after the staging path: ``<staging>.partial_save.orbax-checkpoint-tmp``; a kill -9 leaves it."""
+    dest = tmp_path / "out"
+    dead, tag = dead_pid(), owner.host_hash()
+    pending = tmp_path / f"out.pact-tmp-{dead}@{tag}-0123456789.partial_save.orbax-checkpoint-tmp"
+    pending.mkdir()
+    live = tmp_path / f"out.pact-tmp-{os.getpid()}@{tag}-0123456789.partial_save.orbax-checkpoint-tmp"
+    live.mkdir()
+    assert owner.remove_leftovers(dest) == [pending]
+    assert live.exists()
+
+
+def test_a_lock_interrupted_while_being_written_leaves_no_empty_lock(tmp_path, monkeypatch):
+    """kill -9 or Ctrl-C just after the lock file was created, before its holder was written, left an
+    empty lock that no later run could take over ("another pact-jax run ... (unknown ...)")."""
+    dest = tmp_path / "out.msgpack"
+    real_dump = json.dump
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(owner.json, "dump", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        owner.lock_output(dest)
+    monkeypatch.setattr(owner.json, "dump", real_dump)
+    assert not (tmp_path / "out.msgpack.pact-lock").exists()
+    owner.remove_leftovers(dest)
+    owner.lock_output(dest).release()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_release_removes_only_a_lock_this_process_holds(tmp_path):
+    dest = tmp_path / "out"
+    lock = owner.lock_output(dest)
+    other = {"pid": dead_pid(), "host": "elsewhere", "host_hash": "0badc0de", "started": "then"}
+    lock.path.write_text(json.dumps(other))  # taken over meanwhile by another run
+    lock.release()
+    assert json.loads(lock.path.read_text()) == other
+
+
+def test_remove_own_removes_this_process_lock_and_staging_only(tmp_path):
+    """What a run interrupted anywhere (even between taking the lock and handing it to its writer)
+    removes on its way out: its lock and staging copies, not a set-aside output, nothing of others."""
+    dest = tmp_path / "out"
+    tag, dead = owner.owner_tag(), dead_pid()
+    owner.lock_output(dest)  # never released: the interrupted run
+    mine = tmp_path / f"out.pact-tmp-{tag}-0123456789"
+    mine.mkdir()
+    mine_old = tmp_path / f"out.pact-old-{tag}-0123456789"  # dest missing: the only copy of the output
+    mine_old.mkdir()
+    theirs = tmp_path / f"out.pact-tmp-{dead}@{owner.host_hash()}-0123456789"
+    theirs.mkdir()
+    removed = owner.remove_own(dest)
+    assert sorted(removed) == sorted([tmp_path / "out.pact-lock", mine])
+    assert mine_old.exists() and theirs.exists()
