@@ -17,7 +17,9 @@ importing pact_jax:
   least the ``top``-th largest ``|W0|`` and ``|tau_t,e|`` at most the
   ``anchor``-th smallest ``|tau_t|``; ``tau_s,e <- (1 - strength) tau_s,e``
   where ``e`` is LBW of another task.
-* TSV-M, Iso-CTS, TIES as in ``pact_jax.merges``.
+* TSV-M, Iso-CTS, TIES as in ``pact_jax.merges``; TIES's trim keeps exactly
+  ``k = max(1, round(density N))`` entries per task, ties at the ``k``-th
+  magnitude taken lowest index first.
 * ``svd='randomized'``: PACT's two truncated SVDs by Halko-Martinsson-Tropp
   range finding (Gaussian sketch of ``rank + oversample`` columns,
   ``power_iters`` QR-orthonormalised power iterations); each library draws its
@@ -237,13 +239,22 @@ def np_iso_cts(tau, common_fraction, conds):
 
 
 def np_ties(tau, density):
-    """``tau (T, N) -> (N,)``."""
+    """``tau (T, N) -> (N,)``.
+
+    Trim: each task keeps exactly ``k = max(1, round(density N))`` entries, the
+    largest ``|tau_t|``; entries tied with the ``k``-th magnitude are taken
+    lowest index first until ``k`` are kept (``pact_jax.merges.top_k_mask``).
+    """
     size = tau.shape[1]
-    keep = max(1, round(density * size))
-    trimmed = np.empty_like(tau)
+    keep = min(size, max(1, round(density * size)))
+    trimmed = np.zeros_like(tau)
     for t in range(tau.shape[0]):
         mag = np.abs(tau[t])
-        trimmed[t] = np.where(mag >= np.partition(mag, size - keep)[size - keep], tau[t], 0)
+        kth = np.partition(mag, size - keep)[size - keep]
+        mask = mag > kth
+        tied = np.flatnonzero(mag == kth)
+        mask[tied[: keep - int(mask.sum())]] = True
+        trimmed[t, mask] = tau[t, mask]
     elected = np.sign(trimmed.sum(0))
     agree = (np.sign(trimmed) == elected) & (trimmed != 0)
     count = agree.sum(0)
@@ -404,14 +415,19 @@ def torch_iso_cts(tau, common_fraction, conds):
 
 
 def torch_ties(tau, density):
+    """:func:`np_ties` in PyTorch: exactly ``k`` entries per task, ties at the ``k``-th magnitude by index."""
     import torch
 
     size = tau.shape[1]
-    keep = max(1, round(density * size))
-    trimmed = torch.empty_like(tau)
+    keep = min(size, max(1, round(density * size)))
+    trimmed = torch.zeros_like(tau)
     for t in range(tau.shape[0]):
         mag = tau[t].abs()
-        trimmed[t] = torch.where(mag >= torch.kthvalue(mag, size - keep + 1).values, tau[t], 0.0)
+        kth = torch.kthvalue(mag, size - keep + 1).values
+        mask = mag > kth
+        tied = torch.nonzero(mag == kth).flatten()
+        mask[tied[: keep - int(mask.sum())]] = True
+        trimmed[t] = torch.where(mask, tau[t], 0.0)
     elected = torch.sign(trimmed.sum(0))
     agree = (torch.sign(trimmed) == elected) & (trimmed != 0)
     count = agree.sum(0)
