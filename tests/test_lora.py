@@ -11,7 +11,7 @@ import pytest
 import pact_jax
 from pact_jax import lora, merges
 from pact_jax.tree import PactInputError
-from tests.np_pact_reference import np_lora_row_space, np_pact_torch
+from np_pact_reference import np_lora_row_space, np_pact_torch
 
 TORCH = pact_jax.LeafRules(layout="torch")
 
