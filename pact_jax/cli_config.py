@@ -9,8 +9,6 @@ import math
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 # Config-file keys (also the flags' dest names); values are checked by argparse-like converters below.
 _CONFIG_KEYS = {
     "pretrained": str,
@@ -72,17 +70,16 @@ def _flag(key: str) -> str:
 
 
 def _load_config(path: str) -> dict[str, Any]:
+    from pact_jax import mergekit
+
     try:
-        data = yaml.safe_load(Path(path).read_text())
-    except OSError as e:
-        raise UsageError(f"cannot read config {path}: {e.strerror}") from e
-    except yaml.YAMLError as e:
-        raise UsageError(f"config {path} is not valid YAML: {e}") from e
+        data = mergekit.read_yaml(path, "config")
+    except ValueError as e:
+        raise UsageError(str(e)) from e
     if data is None:
         data = {}
     if not isinstance(data, dict):
         raise UsageError(f"config {path} must be a mapping of keys to values, not {type(data).__name__}")
-    from pact_jax import mergekit
 
     if mergekit.is_mergekit_config(data):  # models: / merge_method: (paths as mergekit reads them)
         try:

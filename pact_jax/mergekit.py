@@ -119,17 +119,22 @@ def is_mergekit_config(data: Any) -> bool:
     return isinstance(data, Mapping) and ("merge_method" in data or "models" in data)
 
 
-def load(path: str | Path) -> MergekitPlan:
-    """Reads a mergekit YAML file and :func:`translate` s it."""
+def read_yaml(path: str | Path, what: str = "config") -> Any:
+    """The YAML document at ``path``; ``ValueError`` naming ``what`` and ``path`` when it cannot be
+    read or parsed (the one reader of both our configs and mergekit's)."""
     import yaml
 
     try:
-        data = yaml.safe_load(Path(path).read_text())
+        return yaml.safe_load(Path(path).read_text())
     except OSError as e:
-        raise ValueError(f"cannot read mergekit config {path}: {e.strerror}") from e
+        raise ValueError(f"cannot read {what} {path}: {e.strerror}") from e
     except yaml.YAMLError as e:
-        raise ValueError(f"mergekit config {path} is not valid YAML: {e}") from e
-    return translate(data, where=f"mergekit config {path}")
+        raise ValueError(f"{what} {path} is not valid YAML: {e}") from e
+
+
+def load(path: str | Path) -> MergekitPlan:
+    """Reads a mergekit YAML file and :func:`translate` s it."""
+    return translate(read_yaml(path, "mergekit config"), where=f"mergekit config {path}")
 
 
 def translate(data: Mapping[str, Any], *, where: str = "mergekit config") -> MergekitPlan:
