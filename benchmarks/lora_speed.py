@@ -53,6 +53,7 @@ import dataclasses
 import datetime
 import gc
 import json
+import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -187,7 +188,7 @@ def run(cfg: SpeedConfig, routes: Sequence[str] = ROUTES, log: Callable[[str], N
                  for names, shape in groups]
     res = {
         "command": None, "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "machine": quality.machine(), "config": {**dataclasses.asdict(cfg), "routes": list(routes)},
+        "machine": quality.machine(), "load": f"{os.getloadavg()[0]:.1f}", "config": {**dataclasses.asdict(cfg), "routes": list(routes)},
         "per_shape": per_shape, "totals": {},
         "bytes": {"dense_stack": sum(r["count"] * r["dense_stack_bytes"] for r in per_shape),
                   "factors": sum(r["count"] * r["factor_bytes"] for r in per_shape)},
@@ -235,8 +236,8 @@ def markdown(res: dict[str, Any]) -> str:
         "# LoRA merging: factor-aware against dense task vectors, speed and memory (issue 16)",
         "",
         f"Command: `{res['command']}`  ",
-        f"Machine: {res['machine']}; shared with other jobs during the run (times are indicative; ratios are "
-        "from the same process)  ",
+        f"Machine: {res['machine']}; load average {res.get('load', 'n/a')} at the start (other jobs make times "
+        "indicative; ratios are from the same process)  ",
         f"Date: {res['date']}; wall time {res['wall_s']:.0f} s"
         + ("." if res.get("complete", True) else " — **INCOMPLETE: the run was stopped before every route had run "
            "on every shape; routes missing from the group table were not measured on every shape.**"),
