@@ -15,7 +15,6 @@ import pytest
 import yaml
 from safetensors.numpy import load_file, save_file
 
-import pact_jax
 from pact_jax import cli, io, layout, merges, recipes
 from pact_jax.tree import LeafRules
 
