@@ -14,20 +14,26 @@ from pact_jax.cli_config import _SCOPE_KEYS, UsageError, _flag, _scope_kwargs
 from pact_jax.cli_faults import _checked_groups, _removing_own_on_interrupt
 
 
-def _float_shapes(path: str, fmt: str | None, cfg: dict[str, Any] | None = None) -> dict[str, tuple[int, ...]]:
-    """``{leaf path: shape}`` of a checkpoint's float leaves (those a merge sees), from its metadata:
-    the step and params subtree that ``cfg`` (``step``, ``params_path``) selects (io.subtree)."""
+def _pretrained_facts(cfg: dict[str, Any], *, shapes: bool) -> tuple[str, dict[str, tuple[int, ...]]]:
+    """One read of the pre-trained checkpoint's metadata (the step ``cfg['step']`` selects) for what the
+    settings need: its layout (``cfg['layout']``, or for ``auto`` :func:`pact_jax.layout.detect_layout`)
+    and, with ``shapes``, ``{leaf path: shape}`` of the float leaves a merge sees (the params subtree
+    ``cfg['params_path']`` selects, io.subtree); ``{}`` without."""
     import jax.numpy as jnp
 
-    from pact_jax import io
+    from pact_jax import io, layout
     from pact_jax.io import orbax_manager, subtree
 
-    cfg = cfg or {}
+    auto = cfg.get("layout", "auto") == "auto"
+    if not (auto or shapes):
+        return cfg["layout"], {}
+    path, fmt = cfg["pretrained"], cfg.get("format")
     if fmt in (None, "orbax"):
         path = str(orbax_manager.resolve(Path(path), cfg.get("step"), strict=False))
     with io.open_reader(path, fmt) as reader:
-        meta = subtree.select(reader, cfg.get("params_path")).view(reader).metadata()
-    return {p: tuple(s.shape) for p, s in meta.items() if jnp.issubdtype(s.dtype, jnp.floating)}
+        found = layout.detect_layout(reader) if auto else cfg["layout"]
+        meta = subtree.select(reader, cfg.get("params_path")).view(reader).metadata() if shapes else {}
+    return found, {p: tuple(s.shape) for p, s in meta.items() if jnp.issubdtype(s.dtype, jnp.floating)}
 
 def _rules(spec: dict[str, Any], layout: str = "flax"):
     import pact_jax
@@ -39,17 +45,6 @@ def _rules(spec: dict[str, Any], layout: str = "flax"):
         return pact_jax.LeafRules(**spec, layout=layout) if spec or layout != "flax" else pact_jax.DEFAULT_RULES
     except Exception as e:
         raise UsageError(f"bad leaf rules {spec}: {e}") from e
-
-def _resolve_layout(cfg: dict[str, Any]) -> str:
-    """The checkpoints' layout: ``cfg['layout']``, or for ``auto`` the pre-trained checkpoint's
-    (:func:`pact_jax.layout.detect_layout`)."""
-    from pact_jax import io, layout
-
-    if cfg.get("layout", "auto") != "auto":
-        return cfg["layout"]
-    with io.open_reader(cfg["pretrained"], cfg.get("format")) as reader:
-        return layout.detect_layout(reader)
-
 
 def _warn_unmatched_rules(spec: dict[str, str], pretrained: str, paths: Sequence[str]) -> None:
     """A leaf rule (--freeze, --average, ... or YAML ``rules:``) that matches no leaf of the model is
@@ -100,8 +95,6 @@ def run_merge(cfg: dict[str, Any]) -> int:
         sift_kwargs={**cfg["sift_args"], **scope} if use_sift else None,
         svd=cfg.get("svd"),
     )
-    layout = _resolve_layout(cfg)
-    rules = _rules(cfg["rules"], layout)
     try:
         transform, t_kw = recipes.transform_settings(cfg["method"], **recipe)
     except ValueError as e:
@@ -119,8 +112,9 @@ def run_merge(cfg: dict[str, Any]) -> int:
             "matrices of the subspace perspective and of SIFT (--pact-arg perspective=subspace to use it)"
         )
     # The scope, resolved over the whole model: the merge may see one group of leaves at a time.
-    # One read of the pre-trained metadata serves the rule check and the scope.
-    float_shapes = _float_shapes(cfg["pretrained"], cfg.get("format"), cfg) if (cfg["rules"] or scoped) else {}
+    # One read of the pre-trained metadata serves the layout, the rule check and the scope.
+    layout, float_shapes = _pretrained_facts(cfg, shapes=bool(cfg["rules"] or scoped))
+    rules = _rules(cfg["rules"], layout)
     _warn_unmatched_rules(cfg["rules"], cfg["pretrained"], list(float_shapes))
     shapes = float_shapes if scoped else None
     try:
