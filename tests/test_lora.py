@@ -120,19 +120,23 @@ def test_task_spaces_are_checked():
     np.testing.assert_allclose(scalar["w"], pact_jax.pact(w0, tau, perspective="scalar")["w"])
 
 
-def test_chain_forwards_task_spaces():
+def _two_task_case():
+    """W0 ``(12, 30)`` + a bias, two rank-3 adapters' dense deltas, their A row spaces, PACT with k = 1."""
     d_out, d_in = 12, 30
     fs = factors([3, 3], d_out, d_in, seed=4)
     st = lora.stack_factors([{"w": f} for f in fs])["w"]
     w0 = {"w": np.random.default_rng(5).normal(size=(d_out, d_in)), "b": np.zeros(d_out)}
     stacked = {"w": lora.dense_delta(st), "b": jnp.ones((2, d_out))}
-    spaces = {"w": lora.row_space(st.a)}
-    pact = functools.partial(pact_jax.pact, task_rank=1)
+    return w0, stacked, {"w": lora.row_space(st.a)}, functools.partial(pact_jax.pact, task_rank=1)
+
+
+def test_chain_forwards_task_spaces():
+    w0, stacked, spaces, pact = _two_task_case()
     merge = pact_jax.chain(pact, merges.task_arithmetic, alpha=0.5, rules=TORCH)
     got = merge.delta_from_stacked(w0, stacked, task_spaces=spaces)
     want = pact_jax.pact(w0, stacked, task_rank=1, task_spaces=spaces, rules=TORCH)
     np.testing.assert_allclose(got["w"], np.asarray(want["w"]).sum(0), rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(got["b"], 2.0 * np.ones(d_out))
+    np.testing.assert_allclose(got["b"], 2.0 * np.ones(12))
     params = merge.from_stacked(w0, stacked, task_spaces=spaces)
     np.testing.assert_allclose(params["w"], w0["w"] + 0.5 * np.asarray(got["w"]), rtol=1e-5, atol=1e-6)
     assert merge.uses_task_spaces
@@ -140,13 +144,7 @@ def test_chain_forwards_task_spaces():
 
 @pytest.mark.slow
 def test_bound_task_spaces_and_groups():
-    d_out, d_in = 12, 30
-    fs = factors([3, 3], d_out, d_in, seed=4)
-    st = lora.stack_factors([{"w": f} for f in fs])["w"]
-    w0 = {"w": np.random.default_rng(5).normal(size=(d_out, d_in)), "b": np.zeros(d_out)}
-    stacked = {"w": lora.dense_delta(st), "b": jnp.ones((2, d_out))}
-    spaces = {"w": lora.row_space(st.a)}
-    pact = functools.partial(pact_jax.pact, task_rank=1)
+    w0, stacked, spaces, pact = _two_task_case()
     want = pact_jax.pact(w0, stacked, task_rank=1, task_spaces=spaces, rules=TORCH)
     got = pact_jax.chain(pact, merges.task_arithmetic, rules=TORCH).delta_from_stacked(w0, stacked, task_spaces=spaces)
     # Bound task_spaces=None: the step takes its own SVD (top-1 here), whatever the merge is given.
